@@ -1,0 +1,125 @@
+"""Typed training configuration; the paper's numbers are the defaults (section 4.3)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from vce_deploy.model import ModelConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seed: int = 0
+    final_loss: str = "lmvae"  # stage 3: lmvae | vae | introvae
+    # stage 1: Reptile pre-training on the VAE loss (Algorithm 2)
+    reptile_steps: int = 10_000  # outer iterations
+    reptile_inner_steps: int = 5  # optimiser steps on one episode per outer iteration
+    reptile_inner_lr: float = 2e-4
+    reptile_epsilon: float = 0.5  # phi <- phi + epsilon * (phi~ - phi)
+    # stage 2: VAE loss; stage 3: the final loss
+    vae_steps: int = 290_000
+    final_steps: int = 300_000
+    lr: float = 2e-4  # Adam, section 4.3
+    lr_halve_every: int = 100_000  # steps of stages 2 and 3; the orange lines of Fig. 3
+    episodes_per_step: int = 1  # batch = 19 * episodes_per_step pairs
+    # LMVAE (eqs. 11, 12) and IntroVAE (eqs. 6, 7)
+    margin: float = 50.0
+    sigma: float = 0.15
+    lam: float = 0.2
+    intro_alpha: float = 0.25
+    intro_beta: float = 1.0
+    # bookkeeping
+    log_every: int = 10
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+    threads: int = 0  # 0: physical cores
+    channels_last: bool = False
+
+    @property
+    def total_steps(self) -> int:
+        return self.reptile_steps + self.vae_steps + self.final_steps
+
+    def stage(self, step: int) -> str:
+        if step < self.reptile_steps:
+            return "reptile"
+        if step < self.reptile_steps + self.vae_steps:
+            return "vae"
+        return self.final_loss
+
+    def lr_at(self, step: int) -> float:
+        done = max(0, step - self.reptile_steps)
+        return self.lr * 0.5 ** (done // self.lr_halve_every)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        values = dict(values)
+        model = ModelConfig.from_dict(values.pop("model", {}))
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown train config keys {sorted(unknown)}")
+        return cls(model=model, **values)
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # seconds on 2 cores: a narrow, shallow model and a few steps of every stage
+    "smoke": TrainConfig(
+        model=ModelConfig(channels=8, blocks=1),
+        reptile_steps=4, reptile_inner_steps=2, vae_steps=20, final_steps=12, lr=2e-3,
+        lr_halve_every=16, log_every=2, sample_every=18, checkpoint_every=18,
+    ),
+    # the shipped model: about an hour on 2 CPU cores (see README for the measured run)
+    "default": TrainConfig(
+        reptile_steps=300, reptile_inner_steps=5, reptile_inner_lr=1e-3, vae_steps=12_000,
+        final_steps=4_000, lr=1e-3, lr_halve_every=5_000, channels_last=True,
+        log_every=10, sample_every=1_000, checkpoint_every=500,
+    ),
+    # the paper: 600k steps, for a GPU
+    "paper": TrainConfig(),
+}
+
+FINAL_LOSSES = ("lmvae", "vae", "introvae")
+
+
+def preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+def add_override_flags(parser: argparse.ArgumentParser) -> None:
+    """One --flag per config field (model fields too), default None = keep the preset's."""
+    for f in fields(TrainConfig):
+        if f.name == "model":
+            continue
+        _add_flag(parser, f.name, f.type)
+    for f in fields(ModelConfig):
+        _add_flag(parser, f.name, f.type)
+
+
+def _add_flag(parser, name: str, type_name) -> None:
+    kind = {"int": int, "float": float, "str": str, "bool": _parse_bool}[str(type_name)]
+    parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, metavar=str(type_name).upper())
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def apply_overrides(config: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    train_names = {f.name for f in fields(TrainConfig)} - {"model"}
+    model_names = {f.name for f in fields(ModelConfig)}
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    model = replace(config.model, **{k: v for k, v in given.items() if k in model_names})
+    config = replace(config, model=model, **{k: v for k, v in given.items() if k in train_names})
+    if config.final_loss not in FINAL_LOSSES:
+        raise ValueError(f"unknown final loss {config.final_loss!r}; expected one of {FINAL_LOSSES}")
+    return config

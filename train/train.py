@@ -1,0 +1,207 @@
+"""The whole training loop: Reptile pre-training, the VAE stage, then the final loss.
+
+Phases of one step, top to bottom: learning rate, the step itself (a Reptile outer
+iteration, or one Adam step of each network on its own objective), log, samples,
+checkpoint. Every random draw of step s comes from (seed, s), so a resumed run continues
+exactly where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from vce_deploy.checkpoint import load_tensors, read_meta, save_checkpoint
+from vce_deploy.errors import CheckpointError
+from vce_deploy.grid import save_grid
+from vce_deploy.model import VCE
+
+from .config import TrainConfig
+from .data import Split, load_test, load_train, sample_episodes
+from .losses import LOSSES, LossTerms, vae_loss
+
+LOG_COLUMNS = ("step", "stage", "lr", "seconds", "loss", "loss_e", "loss_c", "kl", "con", "reg", "kl_c", "kl_s")
+STAGE2_CHECKPOINT = "stage2.safetensors"
+SAMPLE_CONDITIONS = 8
+SAMPLES_PER_CONDITION = 10
+
+
+def step_rngs(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    return np.random.default_rng([seed, step]), torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def reptile_outer_step(model: torch.nn.Module, phi: dict[str, torch.Tensor], epsilon: float) -> None:
+    """Algorithm 2, line 10: phi <- phi + epsilon * (phi~ - phi), phi~ being the weights now."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(phi[name] + epsilon * (param - phi[name]))
+
+
+def apply_gradients(model: VCE, loss: LossTerms, opt_enc, opt_con) -> None:
+    """The encoder steps on grad L_E, the convertor on grad L_C (DESIGN.md, LMVAE)."""
+    enc, conv = list(model.encoder.parameters()), list(model.convertor.parameters())
+    opt_enc.zero_grad(set_to_none=True)
+    opt_con.zero_grad(set_to_none=True)
+    if loss.encoder is loss.convertor:  # one objective (VAE): one backward pass
+        loss.encoder.backward()
+    else:
+        grads_enc = torch.autograd.grad(loss.encoder, enc, retain_graph=True)
+        grads_con = torch.autograd.grad(loss.convertor, conv, allow_unused=True)
+        for p, g in zip(enc, grads_enc):
+            p.grad = g
+        for p, g in zip(conv, grads_con):
+            p.grad = g
+    opt_enc.step()
+    opt_con.step()
+
+
+def final_loss(config: TrainConfig):
+    fn = LOSSES[config.final_loss]
+    if config.final_loss == "lmvae":
+        return lambda m, x, q, g: fn(m, x, q, config.margin, config.sigma, config.lam, g)
+    if config.final_loss == "introvae":
+        return lambda m, x, q, g: fn(m, x, q, config.margin, config.intro_alpha, config.intro_beta, g)
+    return lambda m, x, q, g: fn(m, x, q, g)
+
+
+def sample_grid(model: VCE, test: Split, seed: int) -> np.ndarray:
+    """Fig. 4 layout: one row per test-alphabet condition, the condition first, then samples."""
+    rows = np.linspace(0, len(test) - 1, SAMPLE_CONDITIONS).astype(int)
+    q = torch.from_numpy(test.images[rows, 0][:, None])  # (8, 1, 28, 28)
+    q_rep = q.repeat_interleave(SAMPLES_PER_CONDITION, 0)
+    z = torch.randn(len(q_rep), model.config.latent_dim, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        y = model.convertor(z, q_rep).reshape(SAMPLE_CONDITIONS, SAMPLES_PER_CONDITION, 28, 28)
+    return np.concatenate([q.numpy()[:, :1], y.numpy()], axis=1)
+
+
+def _optimizer_tensors(prefix: str, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"{prefix}.{index}.{key}"] = torch.as_tensor(value)
+    return out
+
+
+def _load_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            index, key = name[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(index), {})[key] = value
+    body = optimizer.state_dict()
+    body["state"] = state
+    optimizer.load_state_dict(body)
+
+
+def _save(out: Path, model, optimizers, config: TrainConfig, step: int, metrics: dict,
+          name: str = "checkpoint.safetensors") -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    for name, opt in optimizers.items():
+        tensors.update(_optimizer_tensors(f"optim.{name}", opt))
+    meta = {"model_config": config.model.to_dict(), "train_config": config.to_dict(), "step": step,
+            "stage": config.stage(step - 1) if step else "init", "seed": config.seed, "metrics": metrics}
+    save_checkpoint(out / name, tensors, meta)
+
+
+def _resume(out: Path, model, optimizers, config: TrainConfig) -> int:
+    path = out / "checkpoint.safetensors"
+    if not path.exists():
+        return 0
+    meta = read_meta(path)
+    if meta["model_config"] != config.model.to_dict():
+        raise CheckpointError(
+            f"{path}: cannot resume, its model config {meta['model_config']} differs from the requested "
+            f"{config.model.to_dict()}; use another --out or the same model flags"
+        )
+    tensors = load_tensors(path)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    for name, opt in optimizers.items():
+        _load_optimizer(f"optim.{name}", opt, tensors)
+    return int(meta["step"])
+
+
+def _open_log(out: Path, resumed_step: int):
+    path = out / "losses.csv"
+    kept = []
+    if resumed_step and path.exists():  # drop rows logged after the checkpoint we resume from
+        with open(path, newline="") as handle:
+            kept = [row for row in csv.DictReader(handle) if int(row["step"]) <= resumed_step]
+    handle = open(path, "w", newline="")
+    writer = csv.DictWriter(handle, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(kept)
+    return handle, writer
+
+
+def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: bool = True) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2)))
+    torch.manual_seed(config.seed)  # weight init
+    data_kwargs = {"data_dir": Path(data_dir)} if data_dir else {}
+    train_split, test_split = load_train(**data_kwargs), load_test(**data_kwargs)
+    model = VCE(config.model)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    optimizers = {
+        "encoder": torch.optim.Adam(model.encoder.parameters(), lr=config.lr),
+        "convertor": torch.optim.Adam(model.convertor.parameters(), lr=config.lr),
+        "reptile": torch.optim.Adam(model.parameters(), lr=config.reptile_inner_lr, betas=(0.0, 0.999)),
+    }
+    start = _resume(out, model, optimizers, config)
+    log_handle, log = _open_log(out, start)
+    step_fn = final_loss(config)
+    recent: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(start, config.total_steps), initial=start, total=config.total_steps,
+               disable=not progress, desc="train", dynamic_ncols=True)
+    for step in bar:
+        rng, gen = step_rngs(config.seed, step)
+        stage = config.stage(step)
+        lr = config.lr_at(step)
+        for name in ("encoder", "convertor"):
+            for group in optimizers[name].param_groups:
+                group["lr"] = lr
+        # the step
+        if stage == "reptile":
+            phi = {k: v.detach().clone() for k, v in model.named_parameters()}
+            x, q = (torch.from_numpy(a).to(memory_format=memory_format) for a in sample_episodes(train_split, 1, rng))
+            for _ in range(config.reptile_inner_steps):
+                loss = vae_loss(model, x, q, gen)
+                optimizers["reptile"].zero_grad(set_to_none=True)
+                loss.encoder.backward()
+                optimizers["reptile"].step()
+            reptile_outer_step(model, phi, config.reptile_epsilon)
+        else:
+            x, q = (torch.from_numpy(a).to(memory_format=memory_format)
+                    for a in sample_episodes(train_split, config.episodes_per_step, rng))
+            loss = vae_loss(model, x, q, gen) if stage == "vae" else step_fn(model, x, q, gen)
+            apply_gradients(model, loss, optimizers["encoder"], optimizers["convertor"])
+        # log
+        headline = loss.terms.get("loss", loss.terms.get("loss_c"))
+        recent = (recent + [headline])[-100:]
+        if step % config.log_every == 0 or step == config.total_steps - 1:
+            log.writerow({"step": step + 1, "stage": stage, "lr": lr, "seconds": round(time.perf_counter() - t0, 2),
+                          **{k: round(v, 4) for k, v in loss.terms.items()}})
+            log_handle.flush()
+            bar.set_postfix(stage=stage, **{k: f"{v:.1f}" for k, v in loss.terms.items() if k in ("kl", "con", "kl_c")})
+        done = step + 1
+        # samples and checkpoint
+        if done % config.sample_every == 0 or done == config.total_steps:
+            save_grid(sample_grid(model, test_split, config.seed), out / "samples" / f"step_{done:07d}.png")
+        if done % config.checkpoint_every == 0 or done == config.total_steps:
+            _save(out, model, optimizers, config, done, {"train_loss_recent_mean": float(np.mean(recent))})
+        if done == config.reptile_steps + config.vae_steps:  # branch point for other final losses (train.table1)
+            _save(out, model, optimizers, config, done, {"train_loss_recent_mean": float(np.mean(recent))},
+                  name=STAGE2_CHECKPOINT)
+    log_handle.close()
+    bar.close()
+    return {"steps": config.total_steps, "resumed_from": start, "seconds": time.perf_counter() - t0,
+            "train_loss_recent_mean": float(np.mean(recent)) if recent else None}

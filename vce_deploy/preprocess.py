@@ -1,0 +1,118 @@
+"""The one preprocessing function, shared by training data and user input.
+
+DESIGN.md fixes it: grayscale -> strokes become 1 (invert unless the background is already
+dark) -> resize to 28x28 with a box filter -> binarize at 0.5 -> float32 {0, 1}.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError
+
+IMAGE_SIZE = 28
+BINARIZE_THRESHOLD = 0.5
+
+
+def _to_unit_float(array: np.ndarray, what: str) -> np.ndarray:
+    """A 2-D array of any supported dtype as float32 in [0, 1], or a clear error."""
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    if array.dtype == np.uint16:
+        return array.astype(np.float32) / 65535.0
+    if np.issubdtype(array.dtype, np.floating):
+        values = array.astype(np.float32)
+        if not np.isfinite(values).all():
+            raise InputError(f"{what}: expected finite pixel values, got NaN or inf")
+        low, high = float(values.min()), float(values.max())
+        if low < 0.0 or high > 1.0:
+            raise InputError(
+                f"{what}: expected float pixels in [0, 1], got values in [{low:g}, {high:g}]"
+            )
+        return values
+    raise InputError(
+        f"{what}: expected dtype bool, uint8, uint16 or float, got {array.dtype}"
+    )
+
+
+def preprocess(image: Any, what: str = "image") -> np.ndarray:
+    """One glyph (path, bytes, PIL image or 2-D array) -> float32 (28, 28) in {0, 1}.
+
+    Strokes come out as 1. A light background (Omniglot, scanned paper) is inverted; a dark
+    one (chalkboard, MNIST-style) is kept, decided by the mean of the border pixels.
+    """
+    if isinstance(image, (str, os.PathLike)):
+        image = _open_image(Path(image))
+    elif isinstance(image, (bytes, bytearray)):
+        image = _open_image(io.BytesIO(image), what)
+    if isinstance(image, Image.Image):
+        gray = np.asarray(image.convert("F"), dtype=np.float32) / 255.0
+    elif isinstance(image, np.ndarray):
+        if image.ndim != 2:
+            raise InputError(f"{what}: expected a 2-D (H, W) array, got shape {image.shape}")
+        gray = _to_unit_float(image, what)
+    else:
+        raise InputError(
+            f"{what}: expected a path, bytes, PIL image or numpy array, got {type(image).__name__}"
+        )
+    if gray.shape[0] < 1 or gray.shape[1] < 1:
+        raise InputError(f"{what}: expected a non-empty image, got shape {gray.shape}")
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    if border.mean() > 0.5:  # light background: strokes are dark, make them 1
+        gray = 1.0 - gray
+    if gray.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        resized = Image.fromarray(gray, mode="F").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
+        gray = np.asarray(resized, dtype=np.float32)
+    return (gray > BINARIZE_THRESHOLD).astype(np.float32)
+
+
+def _open_image(source: Path | io.BytesIO, what: str | None = None) -> Image.Image:
+    name = what or str(source)
+    if isinstance(source, Path):
+        if not source.exists():
+            raise InputError(f"{name}: expected an image file, but the path does not exist")
+        if source.is_dir():
+            raise InputError(f"{name}: expected an image file, got a directory")
+    try:
+        with Image.open(source) as opened:
+            opened.load()  # decode now: a truncated file fails here, not later
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise InputError(f"{name}: expected a readable image file (PNG, JPEG, ...), got: {err}") from err
+
+
+def preprocess_batch(images: Any, what: str = "images") -> np.ndarray:
+    """Everything the runtime API accepts -> float32 (B, 1, 28, 28) in {0, 1}.
+
+    Accepts one path/PIL image/2-D array, a list of them, or an array (B, H, W) or (B, 1, H, W).
+    """
+    if isinstance(images, np.ndarray):
+        if images.ndim == 2:
+            items = [images]
+        elif images.ndim == 3:
+            items = list(images)
+        elif images.ndim == 4:
+            if images.shape[1] != 1:
+                raise InputError(
+                    f"{what}: expected (B, 1, H, W) with one channel, got shape {images.shape}"
+                )
+            items = list(images[:, 0])
+        else:
+            raise InputError(
+                f"{what}: expected an array (H, W), (B, H, W) or (B, 1, H, W), got shape {images.shape}"
+            )
+    elif isinstance(images, (list, tuple)):
+        items = list(images)
+    else:
+        items = [images]
+    if not items:
+        raise InputError(f"{what}: expected at least one image, got an empty batch")
+    batch = [preprocess(item, what=f"{what}[{i}]") for i, item in enumerate(items)]
+    return np.stack(batch)[:, None]  # (B, 1, 28, 28)
