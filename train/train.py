@@ -103,8 +103,8 @@ def _load_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict
 def _save(out: Path, model, optimizers, config: TrainConfig, step: int, metrics: dict,
           name: str = "checkpoint.safetensors") -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    for name, opt in optimizers.items():
-        tensors.update(_optimizer_tensors(f"optim.{name}", opt))
+    for opt_name, opt in optimizers.items():  # not `name`: that is the file name
+        tensors.update(_optimizer_tensors(f"optim.{opt_name}", opt))
     meta = {"model_config": config.model.to_dict(), "train_config": config.to_dict(), "step": step,
             "stage": config.stage(step - 1) if step else "init", "seed": config.seed, "metrics": metrics}
     save_checkpoint(out / name, tensors, meta)
