@@ -1,21 +1,30 @@
 """vce_deploy: one-shot glyph conversion with a Variational Convertor-Encoder.
 
-Importing this package never imports torch; only the eager reference backend, training
-and export do.
+Importing this package never imports torch (only the eager reference backend, training and
+export do) nor any GPU library: backends import their engine when they are loaded.
 """
+from .backends import BACKENDS, BackendInfo
+from .converter import Converter, conversion_grid, save_conversions
 from .errors import BackendError, BundleError, CheckpointError, EngineMismatchError, InputError, VCEError
+from .grid import save_grid
 from .preprocess import IMAGE_SIZE, preprocess, preprocess_batch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BACKENDS",
     "BackendError",
+    "BackendInfo",
     "BundleError",
     "CheckpointError",
+    "Converter",
     "EngineMismatchError",
     "IMAGE_SIZE",
     "InputError",
     "VCEError",
+    "conversion_grid",
     "preprocess",
     "preprocess_batch",
+    "save_conversions",
+    "save_grid",
 ]

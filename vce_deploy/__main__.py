@@ -1,0 +1,4 @@
+"""`python -m vce_deploy ...` is the `vce` command."""
+from .cli import main
+
+raise SystemExit(main())

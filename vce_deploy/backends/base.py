@@ -1,0 +1,202 @@
+"""The backend contract: load once in __init__, then run many times, from any thread.
+
+A backend owns the two models of one bundle precision (encoder, convertor) on one device.
+It reads their real input and output names, shapes and dtypes once, checks them against the
+manifest, and from then on only runs them. `Converter` talks to every backend through this
+class alone, so it never branches on which backend it holds.
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from ..errors import BackendError, BundleError
+
+if TYPE_CHECKING:
+    from ..bundle import Bundle, FileEntry
+
+MODELS = ("encoder", "convertor")
+# The I/O contract of the exported graphs (DESIGN.md "Bundle"); the manifest must agree.
+MODEL_IO = {
+    "encoder": (("x", "q"), ("mu", "logvar")),
+    "convertor": (("z", "q"), ("y",)),
+}
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What `Converter.load` chose, on which device, and why: `conv.backend`."""
+
+    name: str  # registry key: "onnxruntime", "tensorrt", "torch"
+    device: str  # "cpu", "cuda:0"
+    precision: str  # fp32 | fp16 | int8
+    detail: str  # providers, engine files or checkpoint, threads, where noise is drawn
+    reason: str  # why this backend (and not the ones before it in the auto order)
+
+    def __str__(self) -> str:
+        return f"{self.name} on {self.device} at {self.precision} ({self.detail}); chosen because {self.reason}"
+
+
+class LatentStream:
+    """Standard-normal latents from one Philox stream on the host.
+
+    Consecutive draws continue the stream, so a job cut into chunks (convert_iter, or any
+    max_batch) receives exactly the numbers one big draw would have produced.
+    """
+
+    device = "cpu"
+
+    def __init__(self, seed: int | None):
+        self._generator = np.random.Generator(np.random.Philox(seed))
+
+    def draw(self, count: int, latent_dim: int, temperature: float) -> np.ndarray:
+        eps = self._generator.standard_normal((count, latent_dim), dtype=np.float32)  # (count, D)
+        return eps if temperature == 1.0 else eps * np.float32(temperature)
+
+
+def physical_cores() -> int:
+    """Physical cores of this machine: hyper-threads share one core's conv units, so ONNX
+    Runtime runs slower, not faster, with one thread per logical CPU."""
+    try:
+        import psutil  # optional
+
+        count = psutil.cpu_count(logical=False)
+        if count:
+            return int(count)
+    except ImportError:
+        pass
+    cores = set()
+    for topology in Path("/sys/devices/system/cpu").glob("cpu[0-9]*/topology"):
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            continue
+    return len(cores) or os.cpu_count() or 1
+
+
+def dtype_name(dtype: object) -> str:
+    return np.dtype(dtype).name
+
+
+class Backend(ABC):
+    """One bundle precision, loaded on one device. Subclasses set `name` and implement
+    `unavailable`, `__init__` and `run`; GPU backends also override `latent_stream` and
+    `convert` to keep noise, inputs and outputs on the device."""
+
+    name: ClassVar[str]
+
+    def __init__(self, bundle: "Bundle", precision: str, device: str, threads: int | None):
+        self.bundle = bundle
+        self.precision = precision
+        self.device = device
+        self.threads = threads
+        self.image_size = bundle.manifest.image_size
+        self.latent_dim = bundle.manifest.latent_dim
+
+    @classmethod
+    @abstractmethod
+    def unavailable(cls, bundle: "Bundle", precision: str, device: str | None) -> BackendError | None:
+        """The error that says why this backend cannot run this bundle precision here, or None
+        if it can. Returned, not raised: "auto" records it as the reason for moving on, an
+        explicit choice raises it. Cheap: it never loads a model. `device` None means "the
+        best device here"."""
+
+    @classmethod
+    def resolve_device(cls, device: str | None) -> str:
+        """The concrete device this backend will use for the requested one."""
+        return device or "cpu"
+
+    @abstractmethod
+    def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One batch through `model` ("encoder" | "convertor"): host arrays in, host arrays out.
+        The batch must fit the backend (Converter chunks by max_batch before calling)."""
+
+    @property
+    def max_batch_limit(self) -> int | None:
+        """The largest batch the backend accepts (an engine's profile), or None for any."""
+        return None
+
+    @property
+    def default_max_batch(self) -> int:
+        return 256  # large enough to keep a CPU busy, small enough to stay in cache-sized chunks
+
+    def describe(self) -> str:
+        return f"{self.name} on {self.device}"
+
+    def close(self) -> None:
+        """Free device memory; host backends hold nothing that needs it."""
+
+    # -- noise and the batched conversion: host versions, overridden on GPUs -----------------
+
+    def latent_stream(self, seed: int | None) -> LatentStream:
+        return LatentStream(seed)
+
+    def sample_latents(self, count: int, latent_dim: int, seed: int | None, temperature: float):
+        """`count` latents of size `latent_dim`, N(0, temperature^2 I), drawn where this backend runs."""
+        return self.latent_stream(seed).draw(count, latent_dim, temperature)
+
+    def run_chunked(self, model: str, inputs: dict[str, np.ndarray], max_batch: int) -> dict[str, np.ndarray]:
+        """`run` over batch slices of at most max_batch rows, outputs concatenated in order."""
+        total = next(iter(inputs.values())).shape[0]
+        if total <= max_batch:
+            return self.run(model, inputs)
+        parts: list[dict[str, np.ndarray]] = []
+        for start in range(0, total, max_batch):
+            parts.append(self.run(model, {k: v[start:start + max_batch] for k, v in inputs.items()}))
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def convert(self, conditions: np.ndarray, samples_per_condition: int, stream: LatentStream,
+                temperature: float, max_batch: int) -> np.ndarray:
+        """B conditions (B, 1, S, S) -> B * n Bernoulli means (B * n, 1, S, S), condition-major.
+
+        All B * n latents are drawn before the first chunk runs, so the numbers each sample
+        gets do not depend on max_batch.
+        """
+        total = conditions.shape[0] * samples_per_condition
+        latents = stream.draw(total, self.latent_dim, temperature)  # (B * n, D)
+        out = np.empty((total, 1, self.image_size, self.image_size), np.float32)
+        for start in range(0, total, max_batch):
+            stop = min(start + max_batch, total)
+            rows = np.arange(start, stop) // samples_per_condition  # sample i belongs to condition i // n
+            out[start:stop] = self.run("convertor", {"z": latents[start:stop], "q": conditions[rows]})["y"]
+        return out
+
+
+def check_entry_io(entry: "FileEntry", role: str, where: str) -> None:
+    """The manifest entry declares the I/O names the runtime relies on."""
+    want_in, want_out = MODEL_IO[role]
+    got_in = tuple(t.name for t in entry.inputs)
+    got_out = tuple(t.name for t in entry.outputs)
+    if set(got_in) != set(want_in) or set(got_out) != set(want_out):
+        raise BundleError(f"{where}: {role} {entry.path} must take inputs {list(want_in)} and give outputs "
+                          f"{list(want_out)}; the manifest says inputs {list(got_in)}, outputs {list(got_out)}")
+
+
+def compare_io(entry: "FileEntry", actual_inputs: dict[str, tuple[tuple, str]],
+               actual_outputs: dict[str, tuple[tuple, str]], where: str) -> None:
+    """Raise one BundleError listing every difference between what the manifest declares and
+    what the loaded model really has. Shapes: a string or None on either side is a dynamic
+    axis and matches anything; integers must be equal."""
+    problems = []
+    for kind, declared, actual in (("input", entry.inputs, actual_inputs), ("output", entry.outputs, actual_outputs)):
+        declared_names = {t.name for t in declared}
+        if declared_names != set(actual):
+            problems.append(f"{kind} names: manifest {sorted(declared_names)}, model {sorted(actual)}")
+            continue
+        for spec in declared:
+            shape, dtype = actual[spec.name]
+            if spec.dtype != dtype:
+                problems.append(f"{kind} {spec.name!r} dtype: manifest {spec.dtype}, model {dtype}")
+            static_mismatch = len(spec.shape) != len(shape) or any(
+                isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(spec.shape, shape))
+            if static_mismatch:
+                problems.append(f"{kind} {spec.name!r} shape: manifest {list(spec.shape)}, model {list(shape)}")
+    if problems:
+        raise BundleError(f"{where}: {entry.path} does not match its manifest entry: " + "; ".join(problems))
+

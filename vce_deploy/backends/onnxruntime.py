@@ -1,0 +1,154 @@
+"""ONNX Runtime: the CPU backend everywhere, and the CUDA / TensorRT execution providers
+when onnxruntime-gpu and a GPU are there.
+
+One InferenceSession per model, created once with full graph optimisation and one intra-op
+thread per physical core; `InferenceSession.run` is thread safe, so one Converter serves
+many threads. On a GPU, `convert` keeps noise, conditions and outputs on the device through
+I/O binding (that path is written to the documented API and not run here: no GPU).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BackendError
+from .base import MODELS, Backend, LatentStream, check_entry_io, compare_io, physical_cores
+from . import cuda
+
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(uint8)": "uint8", "tensor(int8)": "int8"}
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise BackendError("onnxruntime is not installed: expected `pip install onnxruntime` "
+                           "(or onnxruntime-gpu)") from err
+    return onnxruntime
+
+
+def _gpu_present() -> bool:
+    if cuda.gpu_count() > 0:
+        return True
+    # without cuda-python, the driver's own listing still tells whether a GPU is there
+    listing = Path("/proc/driver/nvidia/gpus")
+    return listing.is_dir() and any(listing.iterdir())
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    @classmethod
+    def unavailable(cls, bundle, precision, device):
+        try:
+            ort = _ort()
+        except BackendError as err:
+            return err
+        if device is not None and device.startswith("cuda"):
+            have = ort.get_available_providers()
+            if "CUDAExecutionProvider" not in have:
+                return BackendError(f"device {device!r} needs onnxruntime-gpu's CUDAExecutionProvider; "
+                                    f"this onnxruntime {ort.__version__} has {have}")
+            if not _gpu_present():
+                return BackendError(f"device {device!r} requested, but no CUDA GPU is visible")
+        return None
+
+    @classmethod
+    def resolve_device(cls, device):
+        if device is not None:
+            return device
+        try:
+            gpu_provider = "CUDAExecutionProvider" in _ort().get_available_providers()
+        except BackendError:
+            return "cpu"
+        return "cuda:0" if gpu_provider and _gpu_present() else "cpu"
+
+    def __init__(self, bundle, precision, device, threads):
+        super().__init__(bundle, precision, device, threads)
+        ort = _ort()
+        self._ort = ort
+        self.on_gpu = device.startswith("cuda")
+        self.device_id = cuda.device_index(device) if self.on_gpu else 0
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or physical_cores()
+        options.inter_op_num_threads = 1  # two small sequential graphs: nothing to run side by side
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.intra_op_threads = options.intra_op_num_threads
+        providers = self._providers(ort)
+        self._sessions = {}
+        self._output_names = {}
+        for role in MODELS:
+            entry = bundle.model_entry(role, precision, "onnx")
+            check_entry_io(entry, role, str(bundle.path))
+            path = bundle.file(entry.path)
+            try:
+                session = ort.InferenceSession(str(path), options, providers=providers)
+            except Exception as err:  # ORT raises its own Fail/InvalidGraph types
+                raise BackendError(f"onnxruntime could not load {path}: {err}") from err
+            if self.on_gpu and not set(GPU_PROVIDERS) & set(session.get_providers()):
+                raise BackendError(f"expected {role} on {device} through {GPU_PROVIDERS}, but onnxruntime "
+                                   f"only initialised {session.get_providers()} (check CUDA and cuDNN)")
+            compare_io(entry, _node_specs(session.get_inputs()), _node_specs(session.get_outputs()),
+                       str(bundle.path))
+            self._sessions[role] = session
+            self._output_names[role] = [o.name for o in session.get_outputs()]
+        self.providers = self._sessions["convertor"].get_providers()
+        self._cupy = cuda.cupy_or_none() if self.on_gpu else None
+
+    def _providers(self, ort) -> list:
+        if not self.on_gpu:
+            return ["CPUExecutionProvider"]
+        have = ort.get_available_providers()
+        chosen: list = [(name, {"device_id": self.device_id}) for name in GPU_PROVIDERS if name in have]
+        return chosen + ["CPUExecutionProvider"]
+
+    def run(self, model, inputs):
+        outputs = self._sessions[model].run(self._output_names[model], inputs)
+        return dict(zip(self._output_names[model], outputs))
+
+    def describe(self) -> str:
+        noise = ("on the device (CuPy)" if self._cupy is not None else "on the host (install CuPy to draw "
+                 "it on the device)") if self.on_gpu else "on the host"
+        return (f"onnxruntime {self._ort.__version__}, providers {self.providers}, "
+                f"{self.intra_op_threads} intra-op threads, noise drawn {noise}")
+
+    # -- GPU: noise drawn on the device, inputs and outputs bound there --------------------
+
+    def latent_stream(self, seed):
+        if self._cupy is None:
+            return LatentStream(seed)
+        return cuda.DeviceLatentStream(seed, self.device_id)
+
+    def convert(self, conditions, samples_per_condition, stream, temperature, max_batch):
+        if self._cupy is None:  # CPU, or GPU without CuPy: ORT copies each chunk in and out
+            return super().convert(conditions, samples_per_condition, stream, temperature, max_batch)
+        cp, device_id = self._cupy, self.device_id
+        size = self.image_size
+        total = conditions.shape[0] * samples_per_condition
+        session = self._sessions["convertor"]
+        with cp.cuda.Device(device_id):
+            latents = stream.draw(total, self.latent_dim, temperature)  # (B * n, D) on the device
+            device_conditions = cp.asarray(conditions)  # the B conditions cross the bus once
+            out = cp.empty((total, 1, size, size), dtype=cp.float32)
+            for start in range(0, total, max_batch):
+                stop = min(start + max_batch, total)
+                rows = cp.arange(start, stop) // samples_per_condition
+                q_chunk = cp.ascontiguousarray(device_conditions[rows])  # (chunk, 1, S, S)
+                z_chunk = cp.ascontiguousarray(latents[start:stop])  # (chunk, D)
+                y_chunk = out[start:stop]  # a contiguous row range of out: ORT writes in place
+                binding = session.io_binding()  # per call: bindings are not shared between threads
+                binding.bind_input("z", "cuda", device_id, np.float32, z_chunk.shape, z_chunk.data.ptr)
+                binding.bind_input("q", "cuda", device_id, np.float32, q_chunk.shape, q_chunk.data.ptr)
+                binding.bind_output("y", "cuda", device_id, np.float32, y_chunk.shape, y_chunk.data.ptr)
+                # ORT computes on its own stream: CuPy's writes must land before it reads them
+                cp.cuda.get_current_stream().synchronize()
+                session.run_with_iobinding(binding)
+            return cp.asnumpy(out)  # (B * n, 1, S, S): the one copy back to the host
+
+
+def _node_specs(nodes) -> dict[str, tuple[tuple, str]]:
+    return {n.name: (tuple(n.shape), ORT_TYPES.get(n.type, n.type)) for n in nodes}

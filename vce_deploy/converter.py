@@ -1,0 +1,331 @@
+"""`Converter`: the runtime applications embed (DESIGN.md "Runtime API").
+
+    conv = Converter.load("bundle/")               # verified bundle, best backend here
+    y = conv.convert(images, n=16, seed=0)         # (B, 16, 28, 28) float32 Bernoulli means
+    mu, logvar = conv.encode(x, q)                 # the rules that turn q into x
+    y = conv.transfer(x, q, targets, n=4, seed=0)  # those rules applied to other glyphs
+
+The backend is chosen once in `load`; every method after that goes through the same
+`Backend` interface. A Converter keeps no per-call state, so one instance is safe to share
+between threads, and an error in one call leaves it ready for the next.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .backends import AUTO_ORDER, BACKENDS, Backend, BackendInfo, LatentStream
+from .bundle import PRECISIONS, Bundle
+from .errors import BundleError, InputError
+from .grid import save_grid
+from .preprocess import IMAGE_SIZE, preprocess_batch
+
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"{what}: expected an integer >= 1, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise InputError(f"{what}: expected an integer >= 1, got {value}")
+    return int(value)
+
+
+def _seed(seed: Any) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"seed: expected None or an integer >= 0, got {seed!r}")
+    return int(seed)
+
+
+def _temperature(value: Any) -> float:
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not real or not math.isfinite(value) or value <= 0:
+        raise InputError(f"temperature: expected a finite number > 0 (1.0 samples the prior), got {value!r}")
+    return float(value)
+
+
+def _raw(array: Any, what: str, sample_shape: tuple[int, ...]) -> np.ndarray:
+    """A preprocessed batch for run_encoder / run_convertor: checked, never converted."""
+    expected = f"a float32 array (B, {', '.join(map(str, sample_shape))})"
+    if not isinstance(array, np.ndarray):
+        raise InputError(f"{what}: expected {expected}, got {type(array).__name__}")
+    if array.dtype != np.float32:
+        raise InputError(f"{what}: expected {expected}, got dtype {array.dtype} (convert it explicitly)")
+    if array.ndim != 1 + len(sample_shape) or array.shape[1:] != sample_shape:
+        raise InputError(f"{what}: expected {expected}, got shape {array.shape}")
+    if array.shape[0] == 0:
+        raise InputError(f"{what}: expected at least one row, got an empty batch {array.shape}")
+    if not np.isfinite(array).all():
+        raise InputError(f"{what}: expected finite values, got NaN or inf")
+    return np.ascontiguousarray(array)
+
+
+class Converter:
+    """One bundle precision on one backend. Build it with `Converter.load`."""
+
+    def __init__(self, bundle: Bundle, backend: Backend, info: BackendInfo, max_batch: int):
+        self._bundle = bundle
+        self._backend = backend
+        self._info = info
+        self._max_batch = max_batch
+
+    # -- loading ----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, backend: str = "auto", precision: str = "fp32",
+             device: str | None = None, max_batch: int | None = None, threads: int | None = None) -> "Converter":
+        """Verify the bundle at `path` (None: the shipped default) and load one backend.
+
+        backend: "auto" (a TensorRT engine built for this GPU, else ONNX Runtime on its GPU
+        providers, else ONNX Runtime on the CPU), or one of BACKENDS by name.
+        device: None (the backend's best), "cpu", "cuda" or "cuda:N".
+        max_batch: rows per engine call (default: the engine profile's max, or 256).
+        threads: intra-op threads (default: physical cores).
+        """
+        names = ("auto", *BACKENDS)
+        if not isinstance(backend, str) or backend not in names:
+            raise InputError(f"backend: expected one of {list(names)}, got {backend!r}")
+        if precision not in PRECISIONS:
+            raise InputError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+        if device is not None and not (isinstance(device, str) and DEVICE.fullmatch(device)):
+            raise InputError(f"device: expected None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        if max_batch is not None:
+            max_batch = _positive_int(max_batch, "max_batch")
+        if threads is not None:
+            threads = _positive_int(threads, "threads")
+        bundle = Bundle.load(path)  # verifies every file's sha256 before anything runs
+        if bundle.manifest.image_size != IMAGE_SIZE:
+            raise BundleError(f"{bundle.path}: expected image_size {IMAGE_SIZE} (what preprocess makes), "
+                              f"the manifest says {bundle.manifest.image_size}")
+        chosen, reason = cls._choose(bundle, backend, precision, device)
+        resolved = chosen.resolve_device(device)
+        instance = chosen(bundle, precision, resolved, threads)
+        limit = instance.max_batch_limit
+        if max_batch is None:
+            max_batch = instance.default_max_batch
+        elif limit is not None and max_batch > limit:
+            instance.close()
+            raise InputError(f"max_batch: expected at most {limit} (the engine's batch profile), got {max_batch}")
+        info = BackendInfo(chosen.name, resolved, precision, instance.describe(), reason)
+        return cls(bundle, instance, info, max_batch)
+
+    @staticmethod
+    def _choose(bundle: Bundle, backend: str, precision: str, device: str | None) -> tuple[type[Backend], str]:
+        if backend != "auto":
+            problem = BACKENDS[backend].unavailable(bundle, precision, device)
+            if problem is not None:
+                raise problem
+            return BACKENDS[backend], f"backend={backend!r} was requested"
+        skipped = []
+        for name in AUTO_ORDER:
+            problem = BACKENDS[name].unavailable(bundle, precision, device)
+            if problem is None:
+                passed = f" ({'; '.join(skipped)})" if skipped else ""
+                return BACKENDS[name], f"auto picked the first usable of {list(AUTO_ORDER)}{passed}"
+            skipped.append(f"{name} skipped: {problem}")
+        raise problem  # the last backend's reason: ONNX Runtime is the floor, nothing below it
+
+    # -- what was loaded ---------------------------------------------------------------------
+
+    @property
+    def backend(self) -> BackendInfo:
+        """Which backend, device and precision were chosen, and why."""
+        return self._info
+
+    @property
+    def bundle(self) -> Bundle:
+        return self._bundle
+
+    @property
+    def precision(self) -> str:
+        return self._info.precision
+
+    @property
+    def max_batch(self) -> int:
+        return self._max_batch
+
+    @property
+    def latent_dim(self) -> int:
+        return self._bundle.manifest.latent_dim
+
+    @property
+    def image_size(self) -> int:
+        return self._bundle.manifest.image_size
+
+    def __repr__(self) -> str:
+        return f"Converter({str(self._bundle.path)!r}, {self._info.name} on {self._info.device}, {self.precision})"
+
+    def close(self) -> None:
+        """Release device memory (TensorRT buffers); CPU backends hold none."""
+        self._backend.close()
+
+    def __enter__(self) -> "Converter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the glyph API ----------------------------------------------------------------------
+
+    def convert(self, images: Any, n: int, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
+        """n new variations of every glyph in `images` -> (B, n, 28, 28) float32 Bernoulli means.
+
+        images: a path, PIL image or array (H, W) / (B, H, W) / (B, 1, H, W), or a list of them.
+        All B * n latents are drawn at once from N(0, temperature^2 I), so a seed gives the
+        same output on the same backend whatever max_batch is. seed None: fresh noise.
+        """
+        n = _positive_int(n, "n")
+        seed, temperature = _seed(seed), _temperature(temperature)
+        conditions = preprocess_batch(images, "images")  # (B, 1, 28, 28)
+        stream = self._backend.latent_stream(seed)
+        return self._convert(conditions, n, stream, temperature)
+
+    def convert_iter(self, images: Any, n: int, seed: int | None = None, temperature: float = 1.0,
+                     conditions_per_chunk: int | None = None, progress: bool = False) -> Iterator[np.ndarray]:
+        """`convert` for jobs too large to hold at once: yields (b, n, 28, 28) per chunk of
+        conditions, preprocessing each chunk only when it is reached.
+
+        The chunks draw consecutively from one noise stream, so their concatenation equals
+        `convert(images, n, seed)` for the same seed. Default chunk: max_batch // n conditions.
+        progress: show a tqdm bar (tqdm must be installed).
+        """
+        n = _positive_int(n, "n")
+        seed, temperature = _seed(seed), _temperature(temperature)
+        per_chunk = (_positive_int(conditions_per_chunk, "conditions_per_chunk") if conditions_per_chunk is not None
+                     else max(1, self._max_batch // n))
+        items, total = _as_items(images)
+        bar = None
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError as err:
+                raise InputError("progress=True: expected tqdm to be installed (pip install tqdm)") from err
+            bar = tqdm(total=total, unit="glyph", desc="convert")
+        return self._convert_chunks(items, n, seed, temperature, per_chunk, bar)
+
+    def _convert_chunks(self, items, n, seed, temperature, per_chunk, bar) -> Iterator[np.ndarray]:
+        stream = self._backend.latent_stream(seed)
+        start = 0
+        try:
+            while True:
+                chunk = list(itertools.islice(items, per_chunk))
+                if not chunk:
+                    if start == 0:
+                        raise InputError("images: expected at least one image, got an empty batch")
+                    return
+                conditions = preprocess_batch(chunk, f"images[{start}:{start + len(chunk)}]")
+                yield self._convert(conditions, n, stream, temperature)
+                start += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _convert(self, conditions: np.ndarray, n: int, stream, temperature: float) -> np.ndarray:
+        batch, size = conditions.shape[0], self.image_size
+        y = self._backend.convert(conditions, n, stream, temperature, self._max_batch)  # (B * n, 1, S, S)
+        return y.reshape(batch, n, size, size)
+
+    def encode(self, x: Any, q: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The posterior of the rules that turn each condition q[i] into the target x[i]:
+        (mu, logvar), each (B, latent_dim). x and q are images, as for `convert`."""
+        targets, conditions = self._pairs(x, q)
+        return self._encode(targets, conditions)
+
+    def transfer(self, x: Any, q: Any, targets: Any, n: int = 1, seed: int | None = None,
+                 temperature: float = 1.0) -> np.ndarray:
+        """Apply the rules that turn q into x to other glyphs -> (T, n, 28, 28).
+
+        z ~ N(mu, temperature^2 sigma^2) from Enc(x, q), then Con(z, target). One (x, q)
+        pair applies to every target; P pairs apply pairwise to P targets.
+        """
+        n = _positive_int(n, "n")
+        seed, temperature = _seed(seed), _temperature(temperature)
+        examples, conditions = self._pairs(x, q)
+        glyphs = preprocess_batch(targets, "targets")  # (T, 1, 28, 28)
+        pairs, count = examples.shape[0], glyphs.shape[0]
+        if pairs not in (1, count):
+            raise InputError(f"transfer: expected one (x, q) pair or one per target ({count}), got {pairs} pairs")
+        mu, logvar = self._encode(examples, conditions)  # (P, D) each
+        rows = np.arange(count * n) // n  # sample i belongs to target i // n
+        rule = rows if pairs == count else np.zeros_like(rows)
+        eps = LatentStream(seed).draw(count * n, self.latent_dim, temperature)  # host: mu lives here
+        z = mu[rule] + np.exp(0.5 * logvar[rule]) * eps  # (T * n, D)
+        y = self._backend.run_chunked("convertor", {"z": z.astype(np.float32), "q": glyphs[rows]}, self._max_batch)["y"]
+        return y.reshape(count, n, self.image_size, self.image_size)
+
+    def _pairs(self, x: Any, q: Any) -> tuple[np.ndarray, np.ndarray]:
+        targets, conditions = preprocess_batch(x, "x"), preprocess_batch(q, "q")
+        if targets.shape[0] != conditions.shape[0]:
+            raise InputError(f"x and q: expected the same number of glyphs (one condition per target), "
+                             f"got {targets.shape[0]} and {conditions.shape[0]}")
+        return targets, conditions
+
+    def _encode(self, x: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self._backend.run_chunked("encoder", {"x": x, "q": q}, self._max_batch)
+        return out["mu"], out["logvar"]
+
+    # -- raw arrays: the evaluator and the benchmark ---------------------------------------
+
+    def run_encoder(self, x: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Preprocessed float32 (B, 1, 28, 28) targets and conditions -> (mu, logvar), (B, D) each,
+        in chunks of max_batch."""
+        shape = (1, self.image_size, self.image_size)
+        x, q = _raw(x, "x", shape), _raw(q, "q", shape)
+        if x.shape[0] != q.shape[0]:
+            raise InputError(f"x and q: expected the same batch size, got {x.shape[0]} and {q.shape[0]}")
+        return self._encode(x, q)
+
+    def run_convertor(self, z: np.ndarray, q: np.ndarray) -> np.ndarray:
+        """float32 latents (B, D) and preprocessed conditions (B, 1, 28, 28) -> y (B, 1, 28, 28),
+        in chunks of max_batch."""
+        z = _raw(z, "z", (self.latent_dim,))
+        q = _raw(q, "q", (1, self.image_size, self.image_size))
+        if z.shape[0] != q.shape[0]:
+            raise InputError(f"z and q: expected the same batch size, got {z.shape[0]} and {q.shape[0]}")
+        return self._backend.run_chunked("convertor", {"z": z, "q": q}, self._max_batch)["y"]
+
+
+def _as_items(images: Any) -> tuple[Iterator, int | None]:
+    """An iterator over single glyphs, and how many there are when that is known."""
+    if isinstance(images, np.ndarray):
+        if images.ndim == 2:
+            return iter([images]), 1
+        if images.ndim == 3:
+            return iter(images), images.shape[0]
+        if images.ndim == 4 and images.shape[1] == 1:
+            return iter(images[:, 0]), images.shape[0]
+        raise InputError(f"images: expected an array (H, W), (B, H, W) or (B, 1, H, W), got shape {images.shape}")
+    if isinstance(images, (str, bytes, os.PathLike)) or not hasattr(images, "__iter__"):
+        return iter([images]), 1
+    if hasattr(images, "__len__"):
+        return iter(images), len(images)
+    return iter(images), None
+
+
+def conversion_grid(conditions: Any, samples: np.ndarray) -> np.ndarray:
+    """Conditions in the first column, their samples beside them -> (B, 1 + n, S, S).
+    `conditions` are the images as given to `convert` (preprocessed here the same way; a
+    second preprocessing of an already binarized glyph is not guaranteed to be a no-op)."""
+    conditions = preprocess_batch(conditions, "conditions")[:, 0]  # (B, S, S)
+    samples = np.asarray(samples, dtype=np.float32)
+    if samples.ndim != 4 or samples.shape[0] != conditions.shape[0] or samples.shape[2:] != conditions.shape[1:]:
+        raise InputError(f"samples: expected ({conditions.shape[0]}, n, {conditions.shape[1]}, "
+                         f"{conditions.shape[2]}) to match the conditions, got shape {samples.shape}")
+    return np.concatenate([conditions[:, None], samples], axis=1)
+
+
+def save_conversions(path: str | os.PathLike, samples: np.ndarray, conditions: Any = None, scale: int = 2) -> Path:
+    """Write `convert`'s output as one PNG grid (a row per condition); with `conditions`,
+    each row starts with its condition."""
+    grid = samples if conditions is None else conversion_grid(conditions, samples)
+    return save_grid(grid, path, scale=scale)
