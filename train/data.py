@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def _read_zips(data_dir: Path) -> dict[tuple[str, str], dict[str, bytes]]:
                 _, alphabet, character, file_name = parts
                 try:
                     data = archive.read(info)
-                except (zipfile.BadZipFile, OSError) as err:
+                except (zipfile.BadZipFile, zlib.error, OSError) as err:  # zlib: damaged deflate data
                     raise ValueError(f"{path}: corrupt member {info.filename} ({err})") from err
                 # the same (alphabet, character, file) in both zips counts once
                 characters.setdefault((alphabet, character), {})[file_name] = data
