@@ -57,7 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        # bench's own options belong to bench/latency.py, so they pass through unparsed
+        args, passthrough = parser.parse_known_args(argv)
+        if args.command == "bench":
+            args.args = [*passthrough, *args.args]
+        elif passthrough:
+            parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
     except SystemExit as stop:  # argparse: 2 for bad usage, 0 after --help
         return int(stop.code or 0)
     handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "bench": cmd_bench}

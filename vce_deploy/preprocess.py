@@ -42,6 +42,28 @@ def _to_unit_float(array: np.ndarray, what: str) -> np.ndarray:
     )
 
 
+def _pil_gray(image: Image.Image, what: str) -> np.ndarray:
+    """A PIL image as a 2-D array in its own bit depth, transparency composited onto white.
+
+    convert("F") alone would be wrong twice: 16-bit images come out in [0, 65535] (read as
+    if 8-bit), and transparent pixels keep their hidden colour (often black, so a black
+    glyph on a transparent background would vanish into a black background).
+    """
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    if image.mode.startswith("I;16"):
+        return np.asarray(image).astype(np.uint16)  # native byte order whatever the file's
+    if image.mode == "I":
+        raise InputError(f"{what}: expected an 8- or 16-bit image, got 32-bit integer mode 'I' "
+                         "(its value range is unknown; convert it to 'L' first)")
+    if image.mode == "F":
+        return np.asarray(image, dtype=np.float32)  # must already be in [0, 1]: checked by the caller
+    if image.mode == "1":
+        return np.asarray(image, dtype=np.bool_)
+    return np.asarray(image.convert("L"))  # uint8, ITU-R 601 luma for colour images
+
+
 def preprocess(image: Any, what: str = "image") -> np.ndarray:
     """One glyph (path, bytes, PIL image or 2-D array) -> float32 (28, 28) in {0, 1}.
 
@@ -53,7 +75,7 @@ def preprocess(image: Any, what: str = "image") -> np.ndarray:
     elif isinstance(image, (bytes, bytearray)):
         image = _open_image(io.BytesIO(image), what)
     if isinstance(image, Image.Image):
-        gray = np.asarray(image.convert("F"), dtype=np.float32) / 255.0
+        gray = _to_unit_float(_pil_gray(image, what), what)
     elif isinstance(image, np.ndarray):
         if image.ndim != 2:
             raise InputError(f"{what}: expected a 2-D (H, W) array, got shape {image.shape}")
