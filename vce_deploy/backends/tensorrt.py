@@ -102,6 +102,13 @@ class EngineRunner:
             if is_input:  # the engine's own profile is the truth; the manifest only records it
                 max_batch = min(max_batch, engine.get_tensor_profile_shape(name, 0)[2][0])
         self.max_batch = int(max_batch)
+        try:
+            self._allocate(trt, engine, path)
+        except BaseException:
+            self.free()  # buffers allocated before the failure are not leaked
+            raise
+
+    def _allocate(self, trt, engine, path) -> None:
         for index in range(engine.num_io_tensors):
             name = engine.get_tensor_name(index)
             dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
