@@ -1,0 +1,139 @@
+"""Step 2: the fp32 ONNX graphs -> fp16 and int8 QDQ graphs, each checked like the fp32 one.
+
+TensorRT 10/11 builds strongly typed networks: precision lives in the ONNX file.
+- fp16: every weight and activation in float16, inputs and outputs kept float32, so callers
+  never change (ONNX Runtime's transformers float16 converter, keep_io_types=True).
+- int8: QDQ (QuantizeLinear/DequantizeLinear pairs around each Conv), symmetric int8
+  activations and per-channel symmetric int8 weights, zero points 0, float biases: the form both ONNX
+  Runtime's CPU provider and TensorRT's explicit quantization consume. Ranges come from
+  real training images (see `calibration_batches`), never from random noise.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+
+from .onnx_export import check_graph
+
+# Only Convs carry int8: the residual Adds, the row mean and the final Sigmoid stay in float.
+# A quantized sigmoid would round Bernoulli means near 0 and 1 to a 1/127 grid, and the NLL
+# (log y, log 1-y per pixel) pays for that heavily.
+INT8_OP_TYPES = ["Conv"]
+
+
+def topological_sort(graph: onnx.GraphProto) -> None:
+    """Reorder nodes so each follows its inputs' producers (the float16 converter appends its
+    input Casts at the end, which onnx.checker rightly rejects)."""
+    ready = {v.name for v in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        runnable = [n for n in pending if all(name in ready for name in n.input)]
+        if not runnable:
+            raise ValueError(f"graph has a cycle or a dangling input near node {pending[0].name!r}")
+        for node in runnable:
+            ordered.append(node)
+            ready.update(node.output)
+        pending = [n for n in pending if all(n is not r for r in runnable)]
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def to_fp16(src: Path, dst: Path, role: str, image_size: int, latent_dim: int, opset: int) -> onnx.ModelProto:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    topological_sort(model.graph)
+    model = check_graph(model, role, image_size, latent_dim, opset)  # float32 I/O asserted here
+    floats = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    if floats:
+        raise ValueError(f"{dst.name}: expected every weight in float16, got float32 initializers {floats[:5]}")
+    onnx.save(model, str(dst))
+    return model
+
+
+class _Reader:
+    """onnxruntime.quantization's CalibrationDataReader protocol over prepared feeds."""
+
+    def __init__(self, feeds: Iterable[dict[str, np.ndarray]]):
+        self._feeds = list(feeds)
+        self._iter: Iterator = iter(self._feeds)
+
+    def get_next(self):
+        return next(self._iter, None)
+
+    def rewind(self) -> None:
+        self._iter = iter(self._feeds)
+
+
+def calibration_batches(encoder, x: np.ndarray, q: np.ndarray, batch: int = 64, seed: int = 0) -> dict[str, list[dict]]:
+    """Calibration feeds for both graphs from real training pairs (x, q).
+
+    encoder: the pairs themselves. convertor: the same real conditions q with two kinds of
+    latents, half each, because both reach it in use: z ~ q(z | x, q) from the fp32 encoder
+    (what the NLL evaluator and `transfer` feed) and z ~ N(0, I) (what `convert` feeds).
+    `encoder` is anything with run_encoder(x, q) -> (mu, logvar) in fp32.
+    """
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, list[dict]] = {"encoder": [], "convertor": []}
+    for start in range(0, len(x), batch):
+        xs, qs = x[start:start + batch], q[start:start + batch]
+        feeds["encoder"].append({"x": xs, "q": qs})
+        mu, logvar = encoder.run_encoder(xs, qs)
+        posterior = mu + np.exp(0.5 * logvar) * rng.standard_normal(mu.shape)
+        prior = rng.standard_normal(mu.shape)
+        use_prior = (np.arange(len(xs)) % 2 == 1)[:, None]
+        feeds["convertor"].append({"z": np.where(use_prior, prior, posterior).astype(np.float32), "q": qs})
+    return feeds
+
+
+def to_int8(src: Path, dst: Path, role: str, feeds: list[dict[str, np.ndarray]], image_size: int,
+            latent_dim: int, opset: int) -> onnx.ModelProto:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if not feeds:
+        raise ValueError(f"{role}: expected calibration batches of real images, got none")
+    with tempfile.TemporaryDirectory(prefix="vce-quant-") as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        # folds constants and fixes shapes so the quantizer sees every Conv with known shapes
+        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=INT8_OP_TYPES, per_channel=True, reduce_range=False,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            # biases stay float: TensorRT's explicit quantization folds them itself and its parser
+            # takes int8 (not int32) into DequantizeLinear; ONNX Runtime accepts both
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+        )
+    model = check_graph(onnx.load(str(dst)), role, image_size, latent_dim, opset)
+    check_qdq(model, role)
+    onnx.save(model, str(dst))
+    return model
+
+
+def check_qdq(model: onnx.ModelProto, role: str) -> None:
+    """Every Conv reads dequantized int8 data and weights; every zero point is 0 (symmetric)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consts = {t.name: t for t in model.graph.initializer}
+    problems = []
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            for name in node.input[:2]:
+                feeder = producers.get(name)
+                if feeder is None or feeder.op_type != "DequantizeLinear":
+                    problems.append(f"Conv {node.name} input {name}: expected DequantizeLinear, got "
+                                    f"{feeder.op_type if feeder else 'a plain tensor'}")
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and len(node.input) > 2:
+            zero = consts.get(node.input[2])
+            if zero is not None:
+                values = onnx.numpy_helper.to_array(zero)
+                if values.dtype != np.int8 or np.any(values != 0):
+                    problems.append(f"{node.op_type} {node.name}: expected int8 zero point 0, got {values.dtype} "
+                                    f"{values.ravel()[:4]}")
+    if problems:
+        raise ValueError(f"{role} int8 graph is not symmetric QDQ on every Conv:\n  " + "\n  ".join(problems))
