@@ -1,0 +1,46 @@
+"""python -m export CHECKPOINT --out BUNDLE [--precision fp32 fp16 int8] [--opset N]
+
+Exit 0 with a verified bundle, or exit 1 with the reason (every parity mismatch listed) and
+BUNDLE exactly as it was before.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import NLL_K, NLL_SUBSET, export_bundle
+from .onnx_export import DEFAULT_OPSET, ExportError
+from .parity import DEFAULT_BATCHES, ParityError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export",
+                                     description="Export a VCE checkpoint to a bundle: ONNX fp32/fp16/int8, parity "
+                                                 "report, NLL per precision, manifest with sha256 of every file.")
+    parser.add_argument("checkpoint", help="checkpoint .safetensors (its .json sidecar next to it)")
+    parser.add_argument("--out", required=True, help="bundle directory (replaced whole, only on success)")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "fp16", "int8"], choices=("fp32", "fp16", "int8"))
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset (default {DEFAULT_OPSET}, the dynamo exporter's own)")
+    parser.add_argument("--batches", type=int, nargs="+", default=list(DEFAULT_BATCHES), help="parity batch sizes")
+    parser.add_argument("--nll-subset", type=int, default=NLL_SUBSET, help="NLL targets (of the 212)")
+    parser.add_argument("--nll-k", type=int, default=NLL_K, help="importance samples per target")
+    parser.add_argument("--no-nll", action="store_true", help="skip the NLL per precision")
+    parser.add_argument("--no-slim", action="store_true", help="keep the exporter's graph (no onnxslim)")
+    parser.add_argument("--data-dir", default=None, help="folder with the two Omniglot zips")
+    args = parser.parse_args(argv)
+    try:
+        export_bundle(args.checkpoint, args.out, precisions=tuple(args.precision), opset=args.opset,
+                      parity_batches=tuple(args.batches), measure_nll=not args.no_nll, nll_subset=args.nll_subset,
+                      nll_k=args.nll_k, slim=not args.no_slim, data_dir=args.data_dir)
+    except (ParityError, ExportError) as err:
+        print(f"export failed, no bundle written: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as err:
+        print(f"export failed, no bundle written: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
