@@ -15,9 +15,10 @@ import numpy as np
 
 from .errors import VCEError
 
-# Largest |ONNX - checkpoint| each precision may show on the same inputs. int8 is reported,
-# not judged here: its cost is judged by the NLL it adds (DESIGN.md "Evaluation").
-PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": None}
+# Largest |ONNX - checkpoint| each precision may show on the same inputs: the export's own
+# parity tolerances (atol), so `vce verify` and the exporter agree on what passes. int8 only
+# catches a broken quantisation here; what it really costs is judged by the NLL it adds.
+PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.25}
 
 
 def build_parser() -> argparse.ArgumentParser:
