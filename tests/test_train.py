@@ -1,0 +1,300 @@
+"""Training: data, determinism, checkpoints and resume, and the errors a user meets."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import shutil
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train.train as train_module
+from train.__main__ import main as train_main
+from train.config import PRESETS, preset
+from train.data import (DEFAULT_DATA_DIR, TEST_ALPHABETS, TRAIN_ALPHABETS, ZIP_NAMES, load_test, load_train,
+                        nll_targets, sample_episodes)
+from train.train import STAGE2_CHECKPOINT, _resume, _save, train
+from vce_deploy.checkpoint import load_model, load_tensors, read_meta, save_checkpoint
+from vce_deploy.errors import CheckpointError
+from vce_deploy.model import VCE
+from vce_deploy.preprocess import preprocess
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+# ---------------------------------------------------------------- data
+
+@pytest.fixture(scope="module")
+def splits():
+    return load_train(), load_test()
+
+
+def test_split_counts_and_disjoint_alphabets(splits):
+    train_split, test_split = splits
+    assert train_split.images.shape == (136, 20, 28, 28), "DESIGN.md: 136 training characters, 20 drawings each"
+    assert test_split.images.shape == (106, 20, 28, 28), "DESIGN.md: 106 test characters, 20 drawings each"
+    train_alphabets = {a for a, _ in train_split.names}
+    test_alphabets = {a for a, _ in test_split.names}
+    assert train_alphabets == set(TRAIN_ALPHABETS) and test_alphabets == set(TEST_ALPHABETS)
+    assert not train_alphabets & test_alphabets
+    assert len(set(train_split.names)) == len(train_split.names)
+    for images in (train_split.images, test_split.images):
+        assert set(np.unique(images)) <= {0.0, 1.0}
+        assert images.reshape(-1, 784).sum(1).min() > 0, "every drawing keeps some stroke pixels"
+
+
+def test_greek_and_latin_are_in_both_zips_and_counted_once(splits):
+    per_zip = []
+    for name in ZIP_NAMES:
+        with zipfile.ZipFile(DEFAULT_DATA_DIR / name) as archive:
+            per_zip.append({tuple(n.split("/")[1:4]) for n in archive.namelist() if n.endswith(".png")})
+    shared = {f for f in per_zip[0] & per_zip[1]}
+    assert {alphabet for alphabet, _, _ in shared} == {"Greek", "Latin"}, "the premise of deduplication"
+    train_split, _ = splits
+    greek = [c for a, c in train_split.names if a == "Greek"]
+    assert len(greek) == len({c for a, c, _ in shared if a == "Greek"})
+    # load_split insists on exactly 20 drawings per character: a duplicate would make it 40
+    assert train_split.images.shape[1] == 20
+
+
+def test_nll_targets_follow_the_protocol(splits):
+    _, test_split = splits
+    x, q = nll_targets(test_split)
+    assert x.shape == q.shape == (212, 1, 28, 28)
+    np.testing.assert_array_equal(x[0, 0], test_split.images[0, 0])
+    np.testing.assert_array_equal(q[0, 0], test_split.images[0, 1])
+    np.testing.assert_array_equal(x[1, 0], test_split.images[0, 10])
+    np.testing.assert_array_equal(q[1, 0], test_split.images[0, 11])
+    x_all, q_all = nll_targets(test_split, all_drawings=True)
+    assert x_all.shape == (2120, 1, 28, 28)
+    np.testing.assert_array_equal(q_all[19, 0], test_split.images[0, 0])  # drawing 19 is conditioned on drawing 0
+
+
+def test_episodes_share_one_condition_of_the_same_character(splits):
+    train_split, _ = splits
+    x, q = sample_episodes(train_split, 2, np.random.default_rng(0))
+    assert x.shape == q.shape == (38, 1, 28, 28)
+    for episode in range(2):
+        xs, qs = x[19 * episode:19 * (episode + 1), 0], q[19 * episode:19 * (episode + 1), 0]
+        assert (qs == qs[0]).all()
+        drawings = [i for c in range(len(train_split)) for i in range(20)
+                    if np.array_equal(train_split.images[c, i], qs[0])]
+        assert drawings, "the condition is a drawing of the training split"
+        char = next(c for c in range(len(train_split)) if any(np.array_equal(train_split.images[c, i], qs[0]) for i in range(20)))
+        others = {i for i in range(20) if not np.array_equal(train_split.images[char, i], qs[0])}
+        assert all(any(np.array_equal(t, train_split.images[char, i]) for i in others) for t in xs)
+
+
+def test_both_polarities_give_the_same_glyph():
+    with zipfile.ZipFile(DEFAULT_DATA_DIR / ZIP_NAMES[1]) as archive:
+        names = sorted(n for n in archive.namelist() if n.endswith(".png"))[::300][:10]
+        blobs = [archive.read(n) for n in names]
+    for name, blob in zip(names, blobs):
+        light = preprocess(blob, what=name)  # Omniglot: dark strokes on white
+        gray = np.asarray(Image.open(io.BytesIO(blob)).convert("L"))
+        dark = 255 - gray  # the same glyph, light strokes on black
+        assert light.sum() > 0
+        np.testing.assert_array_equal(preprocess(gray), light, err_msg=f"{name}: uint8 array, light background")
+        np.testing.assert_array_equal(preprocess(dark), light, err_msg=f"{name}: uint8 array, dark background")
+        np.testing.assert_array_equal(preprocess(Image.fromarray(dark)), light, err_msg=f"{name}: PIL, dark background")
+
+
+# ---------------------------------------------------------------- training runs
+
+def tiny(**overrides):
+    """9 steps: 2 Reptile, 4 VAE, 3 final; a checkpoint every 3."""
+    config = replace(preset("smoke"), reptile_steps=2, vae_steps=4, final_steps=3, checkpoint_every=3,
+                     sample_every=1000, log_every=1)
+    return replace(config, **overrides)
+
+
+@pytest.fixture
+def cached_data(monkeypatch, splits):
+    """The loop reads the zips on every call; these tests are about the loop, so read them once."""
+    monkeypatch.setattr(train_module, "load_train", lambda **_: splits[0])
+    monkeypatch.setattr(train_module, "load_test", lambda **_: splits[1])
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_tensors(path)
+
+
+def _assert_same_tensors(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), f"{what}: tensor names differ: {sorted(a.keys() ^ b.keys())[:5]}"
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{what}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+def _log_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(handle)]
+
+
+def test_smoke_run_lowers_its_loss(smoke_run):
+    rows = list(csv.DictReader(open(smoke_run / "losses.csv", newline="")))
+    first = float(rows[0]["loss"])
+    vae = [float(r["loss"]) for r in rows if r["stage"] == "vae"]
+    assert len(vae) >= 4
+    late = np.mean(vae[-3:])
+    assert late < 0.8 * first, f"VAE loss should fall by 20%: first {first:.1f}, last VAE rows {late:.1f}"
+    assert (smoke_run / CHECKPOINT).is_file() and (smoke_run / STAGE2_CHECKPOINT).is_file()
+    meta, stage2 = read_meta(smoke_run / CHECKPOINT), read_meta(smoke_run / STAGE2_CHECKPOINT)
+    config = preset("smoke")
+    assert meta["step"] == config.total_steps
+    assert stage2["step"] == config.reptile_steps + config.vae_steps and stage2["stage"] == "vae"
+
+
+def test_checkpoint_round_trip_is_bit_exact(smoke_checkpoint, tmp_path):
+    model, meta = load_model(smoke_checkpoint)
+    stored = {k[len("model."):]: v for k, v in _weights(smoke_checkpoint).items() if k.startswith("model.")}
+    _assert_same_tensors(model.state_dict(), stored, "load_model")
+    copy = tmp_path / "again.safetensors"
+    save_checkpoint(copy, {f"model.{k}": v for k, v in model.state_dict().items()}, meta)
+    again, meta_again = load_model(copy)
+    _assert_same_tensors(again.state_dict(), model.state_dict(), "save then load")
+    assert {k: v for k, v in meta_again.items()} == meta
+
+
+def test_optimizer_state_round_trips_through_a_checkpoint(tmp_path):
+    config = tiny()
+    torch.manual_seed(0)
+
+    def build():
+        model = VCE(config.model)
+        return model, {"encoder": torch.optim.Adam(model.encoder.parameters(), lr=1e-3),
+                       "convertor": torch.optim.Adam(model.convertor.parameters(), lr=1e-3),
+                       "reptile": torch.optim.Adam(model.parameters(), lr=1e-3)}
+
+    model, optimizers = build()
+    x = torch.rand(2, 1, 28, 28)
+    for name, opt in optimizers.items():
+        params = model.parameters() if name == "reptile" else getattr(model, name).parameters()
+        loss = sum(p.sum() for p in params) + model.convertor(torch.zeros(2, 56), x).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _save(tmp_path, model, optimizers, config, 5, {})
+    model2, optimizers2 = build()
+    assert _resume(tmp_path, model2, optimizers2, config) == 5
+    _assert_same_tensors(model2.state_dict(), model.state_dict(), "model")
+    for name in optimizers:
+        a, b = optimizers[name].state_dict()["state"], optimizers2[name].state_dict()["state"]
+        assert a.keys() == b.keys() and a, f"optimizer {name}: states for {sorted(a)} vs {sorted(b)}"
+        for index in a:
+            _assert_same_tensors(a[index], b[index], f"optimizer {name}, parameter {index}")
+
+
+def test_same_seed_same_run(tmp_path, cached_data):
+    train(tiny(), tmp_path / "a", progress=False)
+    train(tiny(), tmp_path / "b", progress=False)
+    _assert_same_tensors(_weights(tmp_path / "a" / CHECKPOINT), _weights(tmp_path / "b" / CHECKPOINT), "two runs, seed 0")
+    train(tiny(seed=1), tmp_path / "c", progress=False)
+    a, c = _weights(tmp_path / "a" / CHECKPOINT), _weights(tmp_path / "c" / CHECKPOINT)
+    assert any(not torch.equal(a[k], c[k]) for k in a), "another seed should give other weights"
+
+
+def test_resume_after_an_interruption_gives_the_uninterrupted_run(tmp_path, cached_data, monkeypatch):
+    train(tiny(), tmp_path / "straight", progress=False)
+
+    real_apply, calls = train_module.apply_gradients, []
+
+    def crash_on_step_5(*args, **kwargs):  # steps 2.. use apply_gradients; the checkpoint of step 3 exists
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "apply_gradients", crash_on_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(), tmp_path / "resumed", progress=False)
+    assert read_meta(tmp_path / "resumed" / CHECKPOINT)["step"] == 3
+    monkeypatch.setattr(train_module, "apply_gradients", real_apply)
+    result = train(tiny(), tmp_path / "resumed", progress=False)
+    assert result["resumed_from"] == 3
+    _assert_same_tensors(_weights(tmp_path / "resumed" / CHECKPOINT), _weights(tmp_path / "straight" / CHECKPOINT),
+                         "resumed against uninterrupted")
+    assert _log_rows(tmp_path / "resumed" / "losses.csv") == _log_rows(tmp_path / "straight" / "losses.csv")
+
+
+@pytest.mark.parametrize("final_loss, sigma", [("vae", 0.15), ("lmvae", 0.0), ("introvae", 0.15)])
+def test_branching_at_the_stage2_checkpoint_gives_the_uninterrupted_run(tmp_path, cached_data, final_loss, sigma):
+    """What train.table1 does: copy stage2 into a new run dir, resume with another final loss."""
+    train(tiny(), tmp_path / "trunk", progress=False)  # final loss lmvae, sigma 0.15
+    branch = tmp_path / "branch"
+    branch.mkdir()
+    shutil.copy(tmp_path / "trunk" / STAGE2_CHECKPOINT, branch / CHECKPOINT)
+    shutil.copy(tmp_path / "trunk" / "stage2.json", branch / "checkpoint.json")
+    config = tiny(final_loss=final_loss, sigma=sigma)
+    assert train(config, branch, progress=False)["resumed_from"] == config.reptile_steps + config.vae_steps
+    train(config, tmp_path / "straight", progress=False)
+    _assert_same_tensors(_weights(branch / CHECKPOINT), _weights(tmp_path / "straight" / CHECKPOINT),
+                         f"branch ({final_loss}) against an uninterrupted {final_loss} run")
+    meta = read_meta(branch / CHECKPOINT)
+    assert meta["train_config"]["final_loss"] == final_loss and meta["step"] == config.total_steps
+
+
+def test_resume_with_another_model_config_fails_and_keeps_the_checkpoint(tmp_path, cached_data):
+    out = tmp_path / "run"
+    train(tiny(), out, progress=False)
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir() if p.is_file()}
+    wider = tiny(model=replace(tiny().model, channels=16))
+    with pytest.raises(CheckpointError, match=r"cannot resume.*'channels': 8.*'channels': 16"):
+        train(wider, out, progress=False)
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir() if p.is_file()} == files
+
+
+# ---------------------------------------------------------------- errors a user meets
+
+def test_unknown_preset_is_named(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"unknown preset 'nope'.*'smoke'"):
+        preset("nope")
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--preset", "nope", "--out", str(tmp_path / "run")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "nope" in err and all(name in err for name in PRESETS)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def data_copy(tmp_path) -> Path:
+    folder = tmp_path / "omniglot"
+    folder.mkdir()
+    for name in ZIP_NAMES:
+        shutil.copy(DEFAULT_DATA_DIR / name, folder / name)
+        (folder / name).chmod(0o644)
+    return folder
+
+
+def test_missing_zip_is_named(data_copy, tmp_path, capsys):
+    (data_copy / ZIP_NAMES[1]).unlink()
+    with pytest.raises(FileNotFoundError, match=ZIP_NAMES[1]):
+        load_test(data_copy)
+    assert train_main(["--preset", "smoke", "--out", str(tmp_path / "run"), "--data-dir", str(data_copy),
+                       "--no-progress"]) == 1
+    assert str(data_copy / ZIP_NAMES[1]) in capsys.readouterr().err
+
+
+def test_corrupt_zip_is_named(data_copy):
+    (data_copy / ZIP_NAMES[0]).write_bytes(b"not a zip at all" * 100)
+    with pytest.raises(ValueError, match=rf"{ZIP_NAMES[0]}: expected a zip archive, got a corrupt file"):
+        load_train(data_copy)
+
+
+def test_damaged_member_of_a_zip_is_named(data_copy):
+    path = data_copy / ZIP_NAMES[1]
+    with zipfile.ZipFile(path) as archive:
+        member = next(i for i in archive.infolist() if i.compress_type == zipfile.ZIP_DEFLATED and i.filename.endswith(".png"))
+    blob = bytearray(path.read_bytes())
+    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    for offset in range(start + 10, start + member.compress_size - 4, 7):  # the deflate stream, not the headers
+        blob[offset] ^= 0x55
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ValueError, match=rf"{ZIP_NAMES[1]}: corrupt member {member.filename}"):
+        load_test(data_copy)
