@@ -118,7 +118,7 @@ class Manifest:
         if not isinstance(raw, dict):
             raise BundleError(f"{where}: expected a JSON object, got {type(raw).__name__}")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if type(version) is not int or version != FORMAT_VERSION:  # JSON true would equal 1
             raise BundleError(f"{where}: expected format_version {FORMAT_VERSION}, got {version!r}; "
                               "this vce_deploy cannot read it (re-export the bundle, or upgrade vce_deploy)")
         files_raw = raw.get("files")
