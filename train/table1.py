@@ -1,0 +1,275 @@
+"""Table 1 of the paper on our split: one shared Reptile + VAE trunk, four final losses.
+
+    python -m train.table1 --from runs/default/stage2.safetensors --final-steps 4000 --k 1000 --out runs/table1
+
+Every row starts from the same stage-2 checkpoint (written by train.train at the end of the
+VAE stage) and trains the same number of final-stage steps with the same seed, so the rows
+differ only in the final loss: VAE (the VAE stage continued), LMVAE sigma = 0.15, LMVAE
+sigma = 0, IntroVAE. A row is branched by copying the stage-2 checkpoint into its run
+directory as checkpoint.safetensors and letting train() resume from it with the row's loss.
+Each row's one-shot NLL (train.evaluate, K samples) on the test alphabets goes to
+docs/results.md beside the paper's numbers, and its samples to docs/figures/.
+
+Resumable: a row whose checkpoint is finished is not trained again, and a row whose NLL was
+computed with the same settings is not evaluated again.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from vce_deploy.checkpoint import atomic_write_bytes, read_meta, sidecar_path
+from vce_deploy.errors import CheckpointError
+
+from .config import TrainConfig
+
+CHECKPOINT = "checkpoint.safetensors"
+NLL_FILE = "nll.json"
+SECTION_BEGIN = "<!-- table1:begin (written by python -m train.table1; edits inside are overwritten) -->"
+SECTION_END = "<!-- table1:end -->"
+COMPARE_CONDITIONS = 4  # rows per method in the side-by-side figure (the paper's Fig. 5 shows 4)
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str  # run directory and figure name
+    label: str  # the "Loss function" column of the paper's Table 1
+    final_loss: str
+    sigma: float | None  # None: the stage-2 config's (unused by that loss)
+    paper_nll: float  # the paper's Table 1, nats
+
+
+ROWS = (
+    Row("vae", "VAE", "vae", None, 68.75),
+    Row("lmvae_sigma0.15", "Our LMVAE, σ = 0.15", "lmvae", 0.15, 81.39),
+    Row("lmvae_sigma0", "Our LMVAE, σ = 0", "lmvae", 0.0, 62.8),
+    Row("introvae", "IntroVAE", "introvae", None, 117.1),
+)
+
+
+def row_config(stage2_meta: dict, row: Row, final_steps: int | None) -> TrainConfig:
+    """The stage-2 run's config with the row's final loss; everything else (seed, model,
+    schedule, stage lengths) stays, so the rows differ in the loss alone."""
+    config = TrainConfig.from_dict(stage2_meta["train_config"])
+    boundary = config.reptile_steps + config.vae_steps
+    if stage2_meta["step"] != boundary:
+        raise CheckpointError(
+            f"expected a stage-2 checkpoint at step reptile_steps + vae_steps = {boundary}, "
+            f"got one at step {stage2_meta['step']} (stage {stage2_meta.get('stage')!r})")
+    changes = {"final_loss": row.final_loss}
+    if row.sigma is not None:
+        changes["sigma"] = row.sigma
+    if final_steps is not None:
+        changes["final_steps"] = final_steps
+    return replace(config, **changes)
+
+
+def _copy_atomic(src: Path, dst: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def prepare_run(stage2: Path, run_dir: Path, config: TrainConfig) -> str:
+    """Branch `run_dir` from the stage-2 checkpoint unless it already holds this row's run.
+    Returns "branched", "resuming" or "finished"."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = run_dir / CHECKPOINT
+    if checkpoint.is_file() and sidecar_path(checkpoint).is_file():
+        meta = read_meta(checkpoint)
+        mine = {key: getattr(config, key) for key in ("final_loss", "sigma", "seed", "reptile_steps", "vae_steps")}
+        theirs = {key: meta["train_config"].get(key) for key in mine}
+        if mine != theirs or meta["model_config"] != config.model.to_dict():
+            raise CheckpointError(f"{checkpoint}: holds another run ({theirs}) than this row's ({mine}); "
+                                  f"use another --out or remove {run_dir}")
+        if meta["step"] > config.total_steps:
+            raise CheckpointError(f"{checkpoint}: already trained to step {meta['step']}, beyond the "
+                                  f"{config.total_steps} asked for (--final-steps {config.final_steps}); use another --out")
+        return "finished" if meta["step"] == config.total_steps else "resuming"
+    # weights first, sidecar last: a checkpoint without its sidecar is incomplete (vce_deploy.checkpoint)
+    _copy_atomic(stage2, checkpoint)
+    _copy_atomic(sidecar_path(stage2), sidecar_path(checkpoint))
+    return "branched"
+
+
+def evaluate_row(run_dir: Path, x: np.ndarray, q: np.ndarray, settings: dict, batch_size: int, progress: bool) -> dict:
+    """The row's NLL, cached in run_dir/nll.json for these exact settings and weights."""
+    from vce_deploy.checkpoint import load_model
+
+    from .evaluate import TorchModel, one_shot_nll
+
+    checkpoint = run_dir / CHECKPOINT
+    settings = dict(settings, step=read_meta(checkpoint)["step"])
+    cache = run_dir / NLL_FILE
+    if cache.is_file():
+        record = json.loads(cache.read_text())
+        if record.get("settings") == settings:
+            return record
+    vce, _ = load_model(checkpoint)
+    t0 = time.perf_counter()
+    result = one_shot_nll(TorchModel(vce), x, q, k=settings["k"], seed=settings["seed"],
+                          batch_size=batch_size, progress=progress)
+    record = {"settings": settings, "seconds": time.perf_counter() - t0, **result}
+    atomic_write_bytes(cache, (json.dumps(record, indent=2) + "\n").encode())
+    return record
+
+
+def sample_grids(rows: list[Row], out: Path, test, seed: int, figures: Path) -> list[Path]:
+    """Figs. 4 and 5: per row, one line per test-alphabet condition (condition first, then
+    samples); and all rows stacked, with the same conditions and the same noise."""
+    from vce_deploy.checkpoint import load_model
+    from vce_deploy.grid import save_grid
+
+    from .train import sample_grid
+
+    written, stacked = [], []
+    for row in rows:
+        vce, _ = load_model(out / row.name / CHECKPOINT)
+        grid = sample_grid(vce, test, seed)  # (conditions, 1 + samples, 28, 28)
+        written.append(save_grid(grid, figures / f"table1_{row.name}.png"))
+        stacked.append(grid[::len(grid) // COMPARE_CONDITIONS][:COMPARE_CONDITIONS])  # spread over the 3 alphabets
+    written.append(save_grid(np.concatenate(stacked), figures / "table1_compare.png"))
+    return written
+
+
+def results_markdown(rows: list[Row], records: dict[str, dict], stage2: Path, stage2_meta: dict,
+                     config: TrainConfig, figures: list[Path], docs: Path) -> str:
+    any_record = next(iter(records.values()))["settings"]
+    lines = [
+        SECTION_BEGIN,
+        "## Table 1 on our split: one-shot NLL on the test alphabets",
+        "",
+        f"Negative log-likelihood -log p(x | q) in nats (lower is better), importance-sampled with "
+        f"K = {any_record['k']} samples from q(z | x, q) per target (`train/evaluate.py`), over "
+        f"{any_record['targets']} targets of the test alphabets ({'all drawings' if any_record['all_drawings'] else 'drawings 0 and 10 of every character, each conditioned on the next drawing'}); "
+        f"mean ± standard error. -ELBO is on the same samples.",
+        "",
+        "| Model | Loss function | NLL (ours) | -ELBO (ours) | NLL (paper) |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        r = records[row.name]
+        lines.append(f"| Our VCE | {row.label} | {r['nll_mean']:.2f} ± {r['nll_sem']:.2f} | "
+                     f"{r['elbo_mean']:.2f} ± {r['elbo_sem']:.2f} | {row.paper_nll:g} |")
+    boundary = config.reptile_steps + config.vae_steps
+    batch = 19 * config.episodes_per_step
+    lines += [
+        "",
+        "**Budget.** Every row starts from the same stage-2 checkpoint "
+        f"(`{stage2}`, step {stage2_meta['step']}: {config.reptile_steps} Reptile outer steps of "
+        f"{config.reptile_inner_steps} inner steps, then {config.vae_steps} VAE steps) and trains "
+        f"{config.final_steps} final-stage steps with seed {config.seed}, batch {batch}, Adam lr {config.lr:g} "
+        f"halved every {config.lr_halve_every} steps; {boundary + config.final_steps} steps in all. "
+        f"Model: {config.model.channels} channels, {config.model.blocks} residual block(s) per trunk, "
+        f"latent {config.model.latent_dim}. LMVAE m = {config.margin:g}, λ = {config.lam:g}; "
+        f"IntroVAE α = {config.intro_alpha:g}, β = {config.intro_beta:g}.",
+        "",
+        "**Not the paper's setting.** The paper trains on 30 background alphabets and tests on the 20 "
+        "evaluation alphabets, for 600,000 steps on a GPU, and does not state its NLL estimator's K or its "
+        "target/condition protocol. We train on 5 alphabets (Balinese, Early_Aramaic, Greek, Korean, Latin: "
+        "136 characters) and test on 3 others (Japanese_(katakana), Sanskrit, Tagalog: 106 characters), "
+        f"with the much smaller budget above. Splits, budgets and protocol differ, so the two NLL columns "
+        "are not directly comparable; compare the rows with each other.",
+        "",
+        "Samples (one line per test-alphabet condition: the condition, then conversions):",
+        "",
+    ]
+    for path in figures:
+        what = ("the rows of the table stacked in table order, "
+                f"{COMPARE_CONDITIONS} conditions each, same noise" if path.stem == "table1_compare" else "")
+        lines.append(f"- `{path.stem}`{': ' + what if what else ''}: ![{path.stem}]({os.path.relpath(path, docs)})")
+    lines += ["", SECTION_END, ""]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace our section of results.md (or append it), leaving the rest of the file alone."""
+    text = path.read_text() if path.is_file() else "# Results\n\n"
+    if SECTION_BEGIN in text and SECTION_END in text:
+        head, rest = text.split(SECTION_BEGIN, 1)
+        tail = rest.split(SECTION_END, 1)[1].lstrip("\n")
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    atomic_write_bytes(path, text.encode())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.table1", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--from", dest="stage2", required=True, help="stage-2 checkpoint (RUN/stage2.safetensors)")
+    parser.add_argument("--final-steps", type=int, default=None, help="final-stage steps per row (default: the stage-2 run's)")
+    parser.add_argument("--k", type=int, default=1000, help="importance samples per NLL target")
+    parser.add_argument("--out", required=True, help="one run directory per row goes here")
+    parser.add_argument("--docs", default="docs", help="results.md and figures/ go here")
+    parser.add_argument("--rows", default=",".join(r.name for r in ROWS), help="comma-separated subset of rows")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N NLL targets (quick checks)")
+    parser.add_argument("--all-drawings", action="store_true", help="all 2120 NLL targets")
+    parser.add_argument("--seed", type=int, default=0, help="NLL noise and sample-grid seed")
+    parser.add_argument("--batch-size", type=int, default=1000, help="convertor batch for the NLL")
+    parser.add_argument("--data-dir", default=None, help="folder with the two Omniglot zips")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    by_name = {r.name: r for r in ROWS}
+    unknown = [n for n in args.rows.split(",") if n not in by_name]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; expected some of {list(by_name)}")
+    rows = [by_name[n] for n in args.rows.split(",")]
+
+    from .data import load_test, nll_targets
+    from .train import train
+
+    stage2, out, docs = Path(args.stage2), Path(args.out), Path(args.docs)
+    progress = not args.no_progress
+    try:
+        if not stage2.is_file():
+            raise CheckpointError(f"{stage2}: expected a stage-2 checkpoint (RUN/stage2.safetensors), but it does not exist")
+        stage2_meta = read_meta(stage2)
+        configs = {row.name: row_config(stage2_meta, row, args.final_steps) for row in rows}
+        for row in rows:
+            run_dir = out / row.name
+            status = prepare_run(stage2, run_dir, configs[row.name])
+            sigma = f", sigma {row.sigma:g}" if row.sigma is not None else ""
+            print(f"[{row.name}] {status}: final loss {row.final_loss}{sigma}, to step {configs[row.name].total_steps}",
+                  flush=True)
+            if status != "finished":
+                train(configs[row.name], run_dir, data_dir=args.data_dir, progress=progress)
+        test = load_test(Path(args.data_dir)) if args.data_dir else load_test()
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    x, q = nll_targets(test, all_drawings=args.all_drawings)
+    if args.limit is not None:
+        x, q = x[:args.limit], q[:args.limit]
+    settings = {"k": args.k, "seed": args.seed, "targets": len(x), "all_drawings": args.all_drawings, "limit": args.limit}
+    records = {}
+    for row in rows:
+        records[row.name] = evaluate_row(out / row.name, x, q, settings, args.batch_size, progress)
+        r = records[row.name]
+        print(f"[{row.name}] NLL {r['nll_mean']:.2f} ± {r['nll_sem']:.2f}  -ELBO {r['elbo_mean']:.2f}  "
+              f"(paper {row.paper_nll:g}; {r['seconds']:.0f} s)", flush=True)
+    figures = sample_grids(rows, out, test, args.seed, docs / "figures")
+    config = configs[rows[0].name]
+    write_section(docs / "results.md", results_markdown(rows, records, stage2, stage2_meta, config, figures, docs))
+    summary = {name: {k: v for k, v in r.items() if k != "nll_per_target"} for name, r in records.items()}
+    atomic_write_bytes(out / "table1.json", (json.dumps(summary, indent=2) + "\n").encode())
+    print(f"wrote {docs / 'results.md'}, {len(figures)} figures in {docs / 'figures'}, {out / 'table1.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
