@@ -142,6 +142,9 @@ def export_onnx(module, role: str, image_size: int, latent_dim: int, path: Path,
 
     if role not in IO_NAMES:
         raise ValueError(f"role: expected one of {sorted(IO_NAMES)}, got {role!r}")
+    if opset < DEFAULT_OPSET:
+        raise ValueError(f"opset: expected >= {DEFAULT_OPSET} (the dynamo exporter's lowest that converts this "
+                         f"model; 17 fails in onnx's version converter on ReduceMean), got {opset}")
     input_names, output_names = IO_NAMES[role]
     # batch 3 when tracing, so the exporter cannot specialise the batch to 0 or 1
     example = {k: torch.from_numpy(v) for k, v in example_inputs(role, image_size, latent_dim, 3).items()}

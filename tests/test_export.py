@@ -307,3 +307,11 @@ def test_engine_builder_updates_the_bundle_atomically(bundle_copy, tmp_path, mon
     assert cache.read_bytes() == b"timings"
     assert main(args) == 0  # the second build reads the saved timing cache
     assert ("timing_cache_in", b"timings") in fake.calls
+
+
+def test_opset_below_the_exporters_is_refused_not_faked(smoke_checkpoint, tmp_path):
+    from export import export_bundle
+
+    with pytest.raises(ValueError, match="opset: expected >= 18.*got 17"):
+        export_bundle(smoke_checkpoint, tmp_path / "b", precisions=("fp32",), opset=17, measure_nll=False)
+    assert list(tmp_path.iterdir()) == []
