@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vce_deploy.errors import VCEError
+
 from . import NLL_K, NLL_SUBSET, export_bundle
 from .onnx_export import DEFAULT_OPSET, ExportError
 from .parity import DEFAULT_BATCHES, ParityError
@@ -36,7 +38,7 @@ def main(argv=None) -> int:
     except (ParityError, ExportError) as err:
         print(f"export failed, no bundle written: {err}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as err:
+    except (VCEError, ValueError, OSError) as err:  # a bad checkpoint, flag or data directory
         print(f"export failed, no bundle written: {err}", file=sys.stderr)
         return 1
     return 0
