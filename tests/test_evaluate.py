@@ -166,3 +166,19 @@ def test_cli_on_the_smoke_checkpoint(smoke_checkpoint, tmp_path, capsys):
 def test_cli_refuses_what_it_cannot_evaluate(tmp_path, capsys):
     assert main([str(tmp_path / "model.pt"), "--k", "2"]) == 1
     assert "expected a .safetensors checkpoint or a bundle directory" in capsys.readouterr().err
+
+
+def test_a_bundle_is_evaluated_through_the_runtime(smoke_bundle, smoke_checkpoint, tmp_path, capsys):
+    """The same estimator on the exported fp32 ONNX model gives the PyTorch model's NLL."""
+    from train.data import load_test, nll_targets
+
+    x, q = nll_targets(load_test())
+    x, q = x[:6], q[:6]
+    torch_nll = one_shot_nll(TorchModel.from_checkpoint(smoke_checkpoint), x, q, k=8, seed=1)
+    out = tmp_path / "bundle.json"
+    assert main([str(smoke_bundle), "--backend", "onnxruntime", "--precision", "fp32", "--k", "8", "--seed", "1",
+                 "--limit", "6", "--json", str(out), "--no-progress"]) == 0
+    assert "backend=onnxruntime" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    bundle_nll = np.asarray(record["nll_per_target"])
+    np.testing.assert_allclose(bundle_nll, torch_nll["nll_per_target"], rtol=0, atol=0.05)

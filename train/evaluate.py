@@ -64,8 +64,9 @@ def one_shot_nll(model, x: np.ndarray, q: np.ndarray, k: int = 1000, seed: int =
       k, targets, seed    what was run
       nll_per_target      list of N floats, for paired comparisons (e.g. fp32 against int8 with one seed)
 
-    The noise of target n comes from numpy's default_rng([seed, n]), so a target's estimate
-    depends on neither batch_size nor which other targets are evaluated. log p(x|z,q) clamps
+    The noise of target n (its position in x) comes from numpy's default_rng([seed, n]), so
+    the estimates depend not on batch_size, and the first N targets of a run (--limit N) get
+    the same numbers as in the full run. log p(x|z,q) clamps
     y to [1e-7, 1 - 1e-7] and, like every density here, is computed in float64; the model
     itself runs in whatever precision it runs in (float32 in and out).
     """
