@@ -59,16 +59,17 @@ def one_shot_nll(model, x: np.ndarray, q: np.ndarray, k: int = 1000, seed: int =
     Returns a dict:
       nll_mean, nll_sem   mean of -log p(x_n | q_n) over targets and its standard error
                           (sample std with ddof=1 over sqrt(N); 0 for one target)
-      elbo_mean, elbo_sem the NEGATIVE ELBO in nats (positive, >= the NLL in expectation):
-                          -mean_k [log p(x|z_k,q) + log N(z_k;0,I) - log q(z_k|x,q)] on the same samples
+      elbo_mean, elbo_sem the NEGATIVE ELBO in nats, positive like the NLL:
+                          -mean_k [log p(x|z_k,q) + log N(z_k;0,I) - log q(z_k|x,q)] on the same
+                          samples, so never below the NLL estimate (Jensen, target by target)
       k, targets, seed    what was run
       nll_per_target      list of N floats, for paired comparisons (e.g. fp32 against int8 with one seed)
 
-    The noise of target n (its position in x) comes from numpy's default_rng([seed, n]), so
-    the estimates depend not on batch_size, and the first N targets of a run (--limit N) get
-    the same numbers as in the full run. log p(x|z,q) clamps
-    y to [1e-7, 1 - 1e-7] and, like every density here, is computed in float64; the model
-    itself runs in whatever precision it runs in (float32 in and out).
+    The noise of target n (its position in x) comes from numpy's default_rng([seed, n]): the
+    estimates do not depend on batch_size, and the first N targets (--limit N) get the same
+    numbers as in the full run. log p(x|z,q) clamps y to [1e-7, 1 - 1e-7] and, like every
+    density here, is computed in float64; the model runs in its own precision (float32 in
+    and out).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     q = np.ascontiguousarray(q, dtype=np.float32)
@@ -108,7 +109,10 @@ def one_shot_nll(model, x: np.ndarray, q: np.ndarray, k: int = 1000, seed: int =
         log_px[start:stop] = _logmeanexp(log_w, axis=1)
         elbo[start:stop] = log_w.mean(axis=1)
     nll, neg_elbo = -log_px, -elbo
-    sem = (lambda a: float(a.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0)
+
+    def sem(a: np.ndarray) -> float:
+        return float(a.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+
     return {"nll_mean": float(nll.mean()), "nll_sem": sem(nll),
             "elbo_mean": float(neg_elbo.mean()), "elbo_sem": sem(neg_elbo),
             "k": int(k), "targets": int(n), "seed": int(seed), "nll_per_target": nll.tolist()}
