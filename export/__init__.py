@@ -6,8 +6,9 @@ One module per step, each validating its own output:
   parity.py       ONNX Runtime against eager PyTorch; every mismatch raised together
   tensorrt.py     bundle precision -> serialized TensorRT engine (a separate command)
 
-The bundle is built in a temporary sibling directory and renamed into place only after the
-parity report passed and the finished bundle verified, so a failed export leaves nothing.
+The bundle is built in a temporary sibling directory and swapped into place only after the
+parity report passed and the finished bundle verified, so a failed or killed export leaves the
+old bundle (or nothing) at `out`, never half a bundle.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from vce_deploy.bundle import (FORMAT_VERSION, PRECISIONS, Bundle, FileEntry, Manifest, TensorSpec, atomic_directory,
-                               file_entry, write_manifest)
+                               check_replaceable, file_entry, write_manifest)
 
 from .onnx_export import DEFAULT_OPSET, IO_NAMES, io_shapes
 from .parity import DEFAULT_BATCHES, ParityError, ParityReport
@@ -148,6 +149,7 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
 
     precisions = _check_precisions(precisions)
     checkpoint, out = Path(checkpoint), Path(out)
+    check_replaceable(out)  # before minutes of work: --out must be absent, empty or a bundle
     data_dir = Path(data_dir) if data_dir else DEFAULT_DATA_DIR
     vce, meta = load_model(checkpoint)
     size, latent = vce.config.image_size, vce.config.latent_dim

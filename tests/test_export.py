@@ -88,7 +88,10 @@ def test_int8_is_symmetric_per_channel_qdq(smoke_bundle):
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     producers = {o: n for n in model.graph.node for o in n.output}
-    for conv in convs:
+    stem, rest = convs[0], convs[1:]
+    assert stem.input[1] in inits, "the stem Conv stays float (see export.quantize.stem_conv)"
+    assert rest, "every Conv after the stem is int8"
+    for conv in rest:
         weight_dq = producers[conv.input[1]]
         assert weight_dq.op_type == "DequantizeLinear"
         weight, scale = inits[weight_dq.input[0]], inits[weight_dq.input[1]]
@@ -118,7 +121,7 @@ def test_failed_parity_exits_nonzero_and_leaves_the_old_bundle(smoke_checkpoint,
     monkeypatch.setattr(parity, "TorchReference", Off)
     out = tmp_path / "bundle"
     out.mkdir()
-    (out / "keep.txt").write_text("the previous bundle")
+    (out / "manifest.json").write_text("the previous bundle")  # only a bundle (or nothing) may be replaced
     before = tree_digest(out)
     code = main([str(smoke_checkpoint), "--out", str(out), "--precision", "fp32", "--no-nll", "--batches", "1", "7"])
     assert code == 1
