@@ -15,6 +15,16 @@ from .onnx_export import DEFAULT_OPSET, ExportError
 from .parity import DEFAULT_BATCHES, ParityError
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export",
                                      description="Export a VCE checkpoint to a bundle: ONNX fp32/fp16/int8, parity "
@@ -22,11 +32,11 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="checkpoint .safetensors (its .json sidecar next to it)")
     parser.add_argument("--out", required=True, help="bundle directory (replaced whole, only on success)")
     parser.add_argument("--precision", nargs="+", default=["fp32", "fp16", "int8"], choices=("fp32", "fp16", "int8"))
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+    parser.add_argument("--opset", type=_positive, default=DEFAULT_OPSET,
                         help=f"ONNX opset (default {DEFAULT_OPSET}, the dynamo exporter's own)")
-    parser.add_argument("--batches", type=int, nargs="+", default=list(DEFAULT_BATCHES), help="parity batch sizes")
-    parser.add_argument("--nll-subset", type=int, default=NLL_SUBSET, help="NLL targets (of the 212)")
-    parser.add_argument("--nll-k", type=int, default=NLL_K, help="importance samples per target")
+    parser.add_argument("--batches", type=_positive, nargs="+", default=list(DEFAULT_BATCHES), help="parity batch sizes")
+    parser.add_argument("--nll-subset", type=_positive, default=NLL_SUBSET, help="NLL targets (of the 212)")
+    parser.add_argument("--nll-k", type=_positive, default=NLL_K, help="importance samples per target")
     parser.add_argument("--no-nll", action="store_true", help="skip the NLL per precision")
     parser.add_argument("--no-slim", action="store_true", help="keep the exporter's graph (no onnxslim)")
     parser.add_argument("--data-dir", default=None, help="folder with the two Omniglot zips")

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vce_deploy.bundle import Bundle, atomic_directory, resolve_inside, sha256_file
+from vce_deploy.bundle import Bundle, atomic_directory, resolve_inside, sha256_file, write_raw_manifest
 from vce_deploy.errors import BundleError
 
 
@@ -23,9 +23,10 @@ def bundle(smoke_bundle, tmp_path) -> Path:
 
 
 def edit_manifest(root: Path, change) -> None:
+    """Change the manifest and re-seal it, so only the change under test can be refused."""
     raw = json.loads((root / "manifest.json").read_text())
     change(raw)
-    (root / "manifest.json").write_text(json.dumps(raw))
+    write_raw_manifest(root, raw)
 
 
 def test_intact_bundle_loads(bundle):
@@ -107,12 +108,12 @@ def test_resolve_inside_never_leaves_root(tmp_path_factory, parts):
 def test_atomic_directory_keeps_the_old_one_on_failure(tmp_path):
     final = tmp_path / "b"
     final.mkdir()
-    (final / "old").write_text("old")
+    (final / "manifest.json").write_text("old")  # only a bundle (or nothing) may be replaced
     with pytest.raises(RuntimeError):
         with atomic_directory(final) as stage:
             (stage / "new").write_text("new")
             raise RuntimeError("export failed")
-    assert [p.name for p in final.iterdir()] == ["old"]
+    assert [p.name for p in final.iterdir()] == ["manifest.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["b"]
     with atomic_directory(final) as stage:
         (stage / "new").write_text("new")

@@ -20,7 +20,7 @@ from vce_deploy.backends import LatentStream
 from vce_deploy.backends import cuda as cuda_helpers
 from vce_deploy.backends import tensorrt as trt_backend
 from vce_deploy.backends.base import compare_io, physical_cores
-from vce_deploy.bundle import EngineInfo, FileEntry, TensorSpec
+from vce_deploy.bundle import EngineInfo, FileEntry, TensorSpec, write_raw_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_precision_missing_from_bundle_names_what_it_has(bundle, tmp_path):
     shutil.copytree(bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"] = {p: e for p, e in manifest["files"].items() if e.get("precision", "fp32") == "fp32"}
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    write_raw_manifest(copy, manifest)
     with pytest.raises(BundleError, match=r"no onnx encoder at precision 'int8'; this bundle has \['fp32'\]"):
         Converter.load(copy, backend="onnxruntime", precision="int8")
 
@@ -335,7 +335,7 @@ def _bundle_with_engine(bundle: Path, tmp_path: Path, info: EngineInfo) -> Path:
         manifest["files"][relative] = {
             "sha256": hashlib.sha256(b"not a real engine").hexdigest(), "role": role, "format": "tensorrt",
             "precision": "fp32", "inputs": onnx["inputs"], "outputs": onnx["outputs"], "engine": info.to_dict()}
-    (copy / "manifest.json").write_text(json.dumps(manifest))
+    write_raw_manifest(copy, manifest)
     return copy
 
 

@@ -7,10 +7,15 @@ directory and rename it into place, so a failed export never leaves half a bundl
 """
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +30,14 @@ PRECISIONS = ("fp32", "fp16", "int8")
 ROLES = ("encoder", "convertor", "checkpoint", "checkpoint-meta")
 FORMATS = ("onnx", "tensorrt", "safetensors", "json")
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "default_bundle"
+# The manifest seals itself: "manifest_sha256" is the sha256 of manifest.json's bytes with that
+# value replaced by 64 zeros, so one changed byte anywhere in the manifest is refused too.
+SEAL_KEY = "manifest_sha256"
+_UNSEALED = "0" * 64
+MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is ~10 KB; refuse to read a huge one into memory
+TOP_LEVEL_KEYS = frozenset({"format_version", "image_size", "latent_dim", "latent_layout", "preprocessing",
+                            "model_config", "train_config", "step", "metrics", "exporter", "files", SEAL_KEY})
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def sha256_file(path: Path) -> str:
@@ -43,10 +56,13 @@ class TensorSpec:
 
     @classmethod
     def parse(cls, raw: Any, where: str) -> "TensorSpec":
-        try:
-            return cls(str(raw["name"]), tuple(raw["shape"]), str(raw["dtype"]))
-        except (KeyError, TypeError) as err:
-            raise BundleError(f"{where}: expected a tensor spec {{name, shape, dtype}}, got {raw!r}") from err
+        ok = (isinstance(raw, dict) and isinstance(raw.get("name"), str) and isinstance(raw.get("dtype"), str)
+              and isinstance(raw.get("shape"), list)
+              and all(isinstance(d, str) or (type(d) is int and d >= 1) for d in raw["shape"]))
+        if not ok:
+            raise BundleError(f"{where}: expected a tensor spec {{name: str, shape: [int >= 1 or axis name], "
+                              f"dtype: str}}, got {raw!r}")
+        return cls(raw["name"], tuple(raw["shape"]), raw["dtype"])
 
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
@@ -121,20 +137,41 @@ class Manifest:
         if type(version) is not int or version != FORMAT_VERSION:  # JSON true would equal 1
             raise BundleError(f"{where}: expected format_version {FORMAT_VERSION}, got {version!r}; "
                               "this vce_deploy cannot read it (re-export the bundle, or upgrade vce_deploy)")
+        unknown = sorted(set(raw) - TOP_LEVEL_KEYS)
+        if unknown:  # also catches a changed byte in a key name, which would otherwise fall back to a default
+            raise BundleError(f"{where}: expected only the keys {sorted(TOP_LEVEL_KEYS)}, got unknown {unknown}")
+        for key in ("image_size", "latent_dim"):
+            if type(raw.get(key)) is not int or raw[key] < 1:
+                raise BundleError(f"{where}: expected {key} as an integer >= 1, got {raw.get(key)!r}")
+        step = raw.get("step", 0)
+        if type(step) is not int or step < 0:
+            raise BundleError(f"{where}: expected step as an integer >= 0, got {step!r}")
+        for key in ("preprocessing", "model_config", "train_config", "metrics", "exporter"):
+            if not isinstance(raw.get(key, {}), dict):
+                raise BundleError(f"{where}: expected {key} as a JSON object, got {raw[key]!r}")
+        if not isinstance(raw.get("latent_layout", ""), str):
+            raise BundleError(f"{where}: expected latent_layout as a string, got {raw['latent_layout']!r}")
         files_raw = raw.get("files")
         if not isinstance(files_raw, dict) or not files_raw:
             raise BundleError(f"{where}: expected a non-empty 'files' object, got {files_raw!r}")
+        for path in files_raw:
+            check_relative(path, where)
         files = {path: _parse_entry(path, body, where) for path, body in files_raw.items()}
-        try:
-            return cls(
-                format_version=version, image_size=int(raw["image_size"]), latent_dim=int(raw["latent_dim"]),
-                latent_layout=str(raw.get("latent_layout", "")), preprocessing=dict(raw.get("preprocessing", {})),
-                files=files, model_config=dict(raw.get("model_config", {})),
-                train_config=dict(raw.get("train_config", {})), step=int(raw.get("step", 0)),
-                metrics=dict(raw.get("metrics", {})), exporter=dict(raw.get("exporter", {})),
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise BundleError(f"{where}: expected image_size and latent_dim as integers, got: {err!r}") from err
+        seen: dict[tuple, str] = {}
+        for entry in files.values():
+            if entry.role in ("encoder", "convertor"):
+                key = (entry.role, entry.format, entry.precision)
+                if key in seen:
+                    raise BundleError(f"{where}: expected one {entry.format} {entry.role} at {entry.precision}, "
+                                      f"got two: {seen[key]!r} and {entry.path!r}")
+                seen[key] = entry.path
+        return cls(
+            format_version=version, image_size=raw["image_size"], latent_dim=raw["latent_dim"],
+            latent_layout=raw.get("latent_layout", ""), preprocessing=dict(raw.get("preprocessing", {})),
+            files=files, model_config=dict(raw.get("model_config", {})),
+            train_config=dict(raw.get("train_config", {})), step=step,
+            metrics=dict(raw.get("metrics", {})), exporter=dict(raw.get("exporter", {})),
+        )
 
 
 def _parse_entry(path: str, body: Any, where: str) -> FileEntry:
@@ -149,44 +186,66 @@ def _parse_entry(path: str, body: Any, where: str) -> FileEntry:
     if precision not in PRECISIONS:
         raise BundleError(f"{here}: expected precision in {PRECISIONS}, got {precision!r}")
     sha = body.get("sha256")
-    if not (isinstance(sha, str) and len(sha) == 64):
+    if not (isinstance(sha, str) and _HEX64.fullmatch(sha)):
         raise BundleError(f"{here}: expected a 64-hex-digit sha256, got {sha!r}")
     engine = None
     if body.get("engine") is not None:
-        try:
-            engine = EngineInfo(**body["engine"])
-        except TypeError as err:
-            raise BundleError(f"{here}: malformed engine record: {err}") from err
-    return FileEntry(
-        path=path, sha256=sha, role=role, format=fmt, precision=precision,
-        inputs=tuple(TensorSpec.parse(t, here) for t in body.get("inputs", [])),
-        outputs=tuple(TensorSpec.parse(t, here) for t in body.get("outputs", [])),
-        engine=engine,
-    )
+        engine = _parse_engine(body["engine"], here)
+    specs = {}
+    for kind in ("inputs", "outputs"):
+        listed = body.get(kind, [])
+        if not isinstance(listed, list):
+            raise BundleError(f"{here}: expected {kind} as a list of tensor specs, got {listed!r}")
+        specs[kind] = tuple(TensorSpec.parse(t, here) for t in listed)
+    return FileEntry(path=path, sha256=sha, role=role, format=fmt, precision=precision,
+                     inputs=specs["inputs"], outputs=specs["outputs"], engine=engine)
+
+
+def _parse_engine(raw: Any, here: str) -> EngineInfo:
+    ints = ("min_batch", "opt_batch", "max_batch")
+    strings = ("tensorrt_version", "compute_capability", "gpu_name")
+    ok = (isinstance(raw, dict) and set(raw) <= set(ints + strings) and set(ints + strings[:2]) <= set(raw)
+          and all(type(raw[k]) is int and raw[k] >= 1 for k in ints)
+          and all(isinstance(raw.get(k, ""), str) for k in strings)
+          and raw["min_batch"] <= raw["opt_batch"] <= raw["max_batch"])
+    if not ok:
+        raise BundleError(f"{here}: expected an engine record {{tensorrt_version, compute_capability, [gpu_name], "
+                          f"min_batch <= opt_batch <= max_batch (integers >= 1)}}, got {raw!r}")
+    return EngineInfo(**raw)
+
+
+def check_relative(relative: str, where: Any) -> None:
+    """A manifest path is "/"-separated, relative, without `..` or empty parts."""
+    if os.path.isabs(relative) or relative.startswith(("/", "\\")) or "\\" in relative or "\0" in relative:
+        raise BundleError(f"{where}: manifest path {relative!r}: expected a relative path, inside the bundle")
+    if any(part in ("..", "") for part in relative.split("/")):
+        raise BundleError(f"{where}: manifest path {relative!r}: expected a path without '..' or empty parts; "
+                          "this one leaves the bundle directory")
 
 
 def resolve_inside(root: Path, relative: str) -> Path:
     """The file `relative` names inside root, refusing absolute paths, `..` and symlinks out."""
-    if os.path.isabs(relative) or relative.startswith(("/", "\\")) or "\\" in relative:
-        raise BundleError(f"{root}: manifest path {relative!r} must be relative, inside the bundle")
-    if any(part in ("..", "") for part in relative.split("/")):
-        raise BundleError(f"{root}: manifest path {relative!r} leaves the bundle directory")
+    check_relative(relative, root)
     target = (root / relative).resolve()
     if not target.is_relative_to(root.resolve()):
-        raise BundleError(f"{root}: {relative!r} resolves to {target}, outside the bundle (a symlink out?)")
+        raise BundleError(f"{root}: {relative!r}: expected a file inside the bundle, but it resolves to {target}, "
+                          "outside the bundle (a symlink out?)")
     return target
 
 
 class Bundle:
     """A verified bundle on disk. Construct with Bundle.load(path)."""
 
-    def __init__(self, path: Path, manifest: Manifest):
+    def __init__(self, path: Path, manifest: Manifest, sealed: bool = False):
         self.path = path
         self.manifest = manifest
+        self.sealed = sealed  # manifest.json carries its own sha256 (every bundle exported since it existed)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, verify: bool = True) -> "Bundle":
         """Parse manifest.json and (verify=True) check every file's presence and sha256."""
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise BundleError(f"bundle path: expected a str or os.PathLike, got {type(path).__name__}")
         root = Path(path) if path is not None else default_bundle_path()
         if not root.exists():
             raise BundleError(f"{root}: expected a bundle directory, but it does not exist")
@@ -195,12 +254,19 @@ class Bundle:
         manifest_path = root / MANIFEST
         if not manifest_path.is_file():
             raise BundleError(f"{root}: expected {MANIFEST} in the bundle, but it is missing")
+        resolve_inside(root, MANIFEST)  # a manifest.json symlinked out of the bundle is refused too
+        size = manifest_path.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{manifest_path}: expected at most {MAX_MANIFEST_BYTES} bytes, got {size}")
+        data = manifest_path.read_bytes()
         try:
-            raw = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BundleError(f"{manifest_path}: expected JSON, got unreadable text ({err})") from err
+            raw = json.loads(data.decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+            raise BundleError(f"{manifest_path}: expected JSON, got unreadable text ({type(err).__name__}: "
+                              f"{str(err)[:200]})") from err
+        sealed = check_seal(data, raw, str(manifest_path))
         manifest = Manifest.parse(raw, str(manifest_path))
-        bundle = cls(root, manifest)
+        bundle = cls(root, manifest, sealed)
         if verify:
             bundle.verify()
         return bundle
@@ -211,10 +277,22 @@ class Bundle:
             target = resolve_inside(self.path, relative)
             if not target.is_file():
                 raise BundleError(f"{self.path}: manifest lists {relative!r}, but the file is missing")
-            actual = sha256_file(target)
-            if actual != entry.sha256:
-                raise BundleError(f"{self.path}: {relative!r} has sha256 {actual[:16]}..., expected "
-                                  f"{entry.sha256[:16]}... from the manifest: the file was changed")
+            self._check_hash(entry, sha256_file(target))
+
+    def _check_hash(self, entry: FileEntry, actual: str) -> None:
+        if actual != entry.sha256:
+            raise BundleError(f"{self.path}: {entry.path!r} has sha256 {actual[:16]}..., expected "
+                              f"{entry.sha256[:16]}... from the manifest: the file was changed")
+
+    def read_verified(self, entry: FileEntry) -> bytes:
+        """The bytes of one listed file, hashed again as they are read: backends load models from
+        these bytes, so what runs is exactly what was verified, even if the file changes later."""
+        target = resolve_inside(self.path, entry.path)
+        if not target.is_file():
+            raise BundleError(f"{self.path}: manifest lists {entry.path!r}, but the file is missing")
+        data = target.read_bytes()
+        self._check_hash(entry, hashlib.sha256(data).hexdigest())
+        return data
 
     def file(self, relative: str) -> Path:
         return resolve_inside(self.path, relative)
@@ -244,29 +322,172 @@ def default_bundle_path() -> Path:
     return DEFAULT_BUNDLE
 
 
+def check_seal(data: bytes, raw: Any, where: str) -> bool:
+    """Verify manifest.json's own sha256 (SEAL_KEY) against its bytes. True if sealed; False for
+    a manifest written before seals existed (it has no SEAL_KEY at all)."""
+    if not isinstance(raw, dict) or SEAL_KEY not in raw:
+        return False
+    seal = raw[SEAL_KEY]
+    if not (isinstance(seal, str) and _HEX64.fullmatch(seal)):
+        raise BundleError(f"{where}: expected {SEAL_KEY} as 64 hex digits, got {seal!r}")
+    marker = f'"{SEAL_KEY}": "{seal}"'.encode()
+    if data.count(marker) != 1:
+        raise BundleError(f"{where}: expected {SEAL_KEY} written once as {marker.decode()!r}; "
+                          "the manifest was rewritten by hand (write it with vce_deploy.bundle.write_raw_manifest)")
+    actual = hashlib.sha256(data.replace(marker, f'"{SEAL_KEY}": "{_UNSEALED}"'.encode())).hexdigest()
+    if actual != seal:
+        raise BundleError(f"{where}: the manifest hashes to {actual[:16]}..., expected {seal[:16]}... from its "
+                          f"{SEAL_KEY}: the manifest was changed")
+    return True
+
+
+def manifest_bytes(raw: dict) -> bytes:
+    """A manifest dict as sealed manifest.json bytes (any SEAL_KEY in raw is replaced)."""
+    body = {SEAL_KEY: _UNSEALED, **{k: v for k, v in raw.items() if k != SEAL_KEY}}
+    data = (json.dumps(body, indent=2) + "\n").encode()
+    placeholder = f'"{SEAL_KEY}": "{_UNSEALED}"'.encode()
+    digest = hashlib.sha256(data).hexdigest()
+    return data.replace(placeholder, f'"{SEAL_KEY}": "{digest}"'.encode(), 1)
+
+
+def write_raw_manifest(directory: Path, raw: dict) -> None:
+    """Write a sealed manifest.json from a plain dict, atomically (temporary file, then rename)."""
+    _write_atomic(Path(directory) / MANIFEST, manifest_bytes(raw))
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    write_raw_manifest(directory, manifest.to_dict())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# -- replacing a bundle directory whole -------------------------------------------------------
+
+STAGING, RETIRED = "staging", "old"
+
+
+def check_replaceable(final: str | os.PathLike) -> None:
+    """A bundle writer may replace `final` only if it is absent, an empty directory or a bundle
+    (it holds manifest.json): `--out ~` must never delete a home directory."""
+    final = Path(final)
+    if not os.path.lexists(final):
+        return
+    if final.is_symlink() or not final.is_dir():
+        raise BundleError(f"{final}: expected a bundle directory (or nothing) to replace, got a "
+                          f"{'symlink' if final.is_symlink() else 'file'}; refusing to replace it")
+    if (final / MANIFEST).is_file():
+        return
+    others = sorted(p.name for p in final.iterdir())
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise BundleError(f"{final}: expected an empty directory or a bundle (with {MANIFEST}) to replace, got a "
+                          f"directory with {len(others)} other entries ({shown}); refusing to delete them")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(final: Path) -> list[Path]:
+    """Remove the staging and retired directories of exports of `final` that were killed
+    (their process is gone). Names: .NAME.staging.PID-XXXX, .NAME.old.PID-XXXX."""
+    removed = []
+    for kind in (STAGING, RETIRED):
+        prefix = f".{final.name}.{kind}."
+        for path in final.parent.glob(f"{glob.escape(prefix)}*"):
+            pid = path.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE): `b` never stops existing.
+    False where that is not available (other systems, some filesystems)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _fsync(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under root, so a power cut after the rename cannot
+    leave a renamed bundle with empty files."""
+    for directory, _, names in os.walk(root):
+        for name in names:
+            _fsync(os.path.join(directory, name))
+        _fsync(directory)
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary sibling of `final`; on success it replaces `final` whole,
-    on any error (or kill) it is removed and `final` is left as it was."""
+    on any error it is removed and `final` is left as it was.
+
+    `final` must be absent, an empty directory or a bundle (check_replaceable). On Linux the
+    swap is one renameat2(RENAME_EXCHANGE), so at every instant `final` is the whole old
+    bundle or the whole new one, even under SIGKILL; elsewhere it is two renames, with an
+    instant where `final` is absent (never half there). Staging directories left by killed
+    exports (named with their PID) are removed by the next export of the same `final`.
+    """
     final = Path(final).resolve()
+    check_replaceable(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.staging."))
+    clean_stale(final)
+    staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{STAGING}.{os.getpid()}-"))
     try:
         yield staging
-        if final.exists():
-            retired = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.old."))
+        check_replaceable(final)  # again: something may have appeared there meanwhile
+        _fsync_tree(staging)
+        if final.exists() and _exchange(staging, final):
+            shutil.rmtree(staging, ignore_errors=True)  # staging now holds the old bundle
+        elif final.exists():
+            retired = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{RETIRED}.{os.getpid()}-"))
             os.replace(final, retired / "old")
             os.replace(staging, final)
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(staging, final)
+        _fsync(final.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-
-
-def write_manifest(directory: Path, manifest: Manifest) -> None:
-    (directory / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
 
 
 def file_entry(directory: Path, relative: str, **fields_: Any) -> FileEntry:

@@ -60,36 +60,61 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def load_tensors(path: str | os.PathLike) -> dict:
-    """safetensors only: a pickle (torch.save) file is refused, never loaded."""
+def _refuse_non_safetensors(path: Path, head: bytes) -> None:
+    """safetensors starts with an 8-byte header length and then its JSON header ("{"). Anything
+    else is refused here, a pickle (any protocol; torch.save's zip holds one) by name. Nothing
+    in this module could unpickle it anyway: safetensors parses only that length and JSON."""
+    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        raise CheckpointError(f"{path}: expected safetensors, got a pickle/zip (torch.save) file; it is never loaded")
+    if len(head) < 9 or head[8:9] != b"{":
+        raise CheckpointError(f"{path}: expected safetensors (an 8-byte header length, then a JSON header), got "
+                              f"bytes {head[:9]!r}; only safetensors checkpoints are read, pickles never")
+
+
+def load_tensors(path: str | os.PathLike, data: bytes | None = None) -> dict:
+    """safetensors only: a pickle (torch.save) file is refused, never loaded. `data`: the file's
+    bytes when the caller has already read (and hashed) them."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load, load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: expected a .safetensors checkpoint file, but it does not exist")
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    if head[:2] == b"\x80\x04" or head[:2] == b"\x80\x02" or head[:4] == b"PK\x03\x04":
-        raise CheckpointError(f"{path}: expected safetensors, got a pickle/zip (torch.save) file; it is never loaded")
+    if data is None:
+        if path.is_dir():
+            raise CheckpointError(f"{path}: expected a .safetensors checkpoint file, got a directory")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: expected a .safetensors checkpoint file, but it does not exist")
+        with open(path, "rb") as handle:
+            head = handle.read(9)
+    else:
+        head = data[:9]
+    _refuse_non_safetensors(path, head)
     try:
-        return load_file(str(path))
+        return load_file(str(path)) if data is None else load(data)
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"{path}: expected a valid safetensors file, got: {err}") from err
 
 
-def load_model(path: str | os.PathLike):
+def load_model(path: str | os.PathLike, data: bytes | None = None):
     """Checkpoint -> (VCE in eval mode, meta). The config comes from the sidecar alone."""
     from .model import VCE, ModelConfig
 
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path}: expected a .safetensors checkpoint file, got a directory")
+    if data is None and not Path(path).is_file():
+        raise CheckpointError(f"{path}: expected a .safetensors checkpoint file, but it does not exist")
     meta = read_meta(path)
     try:
         config = ModelConfig.from_dict(meta["model_config"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{sidecar_path(path)}: expected a valid 'model_config', got: {err}") from err
-    tensors = load_tensors(path)
+    tensors = load_tensors(path, data)
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     model = VCE(config)
+    expected = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} {v.dtype} (expected {tuple(expected[k].shape)} {expected[k].dtype})"
+             for k, v in weights.items() if k in expected and (v.shape != expected[k].shape or v.dtype != expected[k].dtype)]
+    if wrong:
+        raise CheckpointError(f"{path}: weights do not match model_config {config}: {'; '.join(wrong[:5])}")
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(

@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "bench": cmd_bench}
     try:
         return handlers[args.command](args)
-    except VCEError as err:
+    except (VCEError, OSError) as err:  # OSError: an output that cannot be written, a full disk
         print(f"vce {args.command}: error: {err}", file=sys.stderr)
         return 1
 

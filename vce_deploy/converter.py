@@ -27,6 +27,12 @@ from .grid import save_grid
 from .preprocess import IMAGE_SIZE, preprocess_batch
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+# convert() and transfer() return one array; past this many bytes they refuse and point to
+# convert_iter, which holds at most max_batch samples at a time. Per instance: conv.max_output_bytes.
+MAX_OUTPUT_BYTES = 1 << 30
+# Latents are N(0, temperature^2 I) in float32: far past any useful temperature (1 samples the
+# prior), and far below where float32 overflows inside the convolutions (~1e37 gives NaN).
+MAX_TEMPERATURE = 1e4
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -47,8 +53,9 @@ def _seed(seed: Any) -> int | None:
 
 def _temperature(value: Any) -> float:
     real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not real or not math.isfinite(value) or value <= 0:
-        raise InputError(f"temperature: expected a finite number > 0 (1.0 samples the prior), got {value!r}")
+    if not real or not math.isfinite(value) or not 0 < value <= MAX_TEMPERATURE:
+        raise InputError(f"temperature: expected a finite number > 0 and <= {MAX_TEMPERATURE:g} (1.0 samples the "
+                         f"prior), got {value!r}")
     return float(value)
 
 
@@ -76,6 +83,7 @@ class Converter:
         self._backend = backend
         self._info = info
         self._max_batch = max_batch
+        self.max_output_bytes = MAX_OUTPUT_BYTES  # the largest array convert / transfer return
 
     # -- loading ----------------------------------------------------------------------------
 
@@ -90,6 +98,8 @@ class Converter:
         max_batch: rows per engine call (default: the engine profile's max, or 256).
         threads: intra-op threads (default: physical cores).
         """
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise InputError(f"path: expected None, a str or os.PathLike bundle directory, got {type(path).__name__}")
         names = ("auto", *BACKENDS)
         if not isinstance(backend, str) or backend not in names:
             raise InputError(f"backend: expected one of {list(names)}, got {backend!r}")
@@ -184,17 +194,34 @@ class Converter:
         """
         n = _positive_int(n, "n")
         seed, temperature = _seed(seed), _temperature(temperature)
+        self._check_output("convert", 1, n)  # before opening any file: n alone may be too much
         conditions = preprocess_batch(images, "images")  # (B, 1, 28, 28)
+        self._check_output("convert", conditions.shape[0], n)
         stream = self._backend.latent_stream(seed)
         return self._convert(conditions, n, stream, temperature)
 
+    def _check_output(self, method: str, glyphs: int, n: int) -> None:
+        """Refuse a call whose one returned array would pass max_output_bytes."""
+        size = self.image_size
+        need = glyphs * n * (size * size + self.latent_dim) * 4  # float32 output and latents
+        if need > self.max_output_bytes:
+            raise InputError(
+                f"n: expected {method}() to fit in max_output_bytes = {self.max_output_bytes} bytes, got {glyphs} "
+                f"glyphs x n = {n} samples = {need} bytes of float32 output and latents; stream it with "
+                f"convert_iter(images, n, seed), which holds at most max_batch = {self._max_batch} samples at a "
+                f"time (or raise conv.max_output_bytes)")
+
     def convert_iter(self, images: Any, n: int, seed: int | None = None, temperature: float = 1.0,
                      conditions_per_chunk: int | None = None, progress: bool = False) -> Iterator[np.ndarray]:
-        """`convert` for jobs too large to hold at once: yields (b, n, 28, 28) per chunk of
-        conditions, preprocessing each chunk only when it is reached.
+        """`convert` for jobs too large to hold at once, in memory bounded by max_batch, not by n
+        or the number of images: images are preprocessed only when their chunk is reached.
 
-        The chunks draw consecutively from one noise stream, so their concatenation equals
-        `convert(images, n, seed)` for the same seed. Default chunk: max_batch // n conditions.
+        n <= max_batch: yields (b, n, 28, 28), b whole conditions per chunk (default
+        max_batch // n), so `np.concatenate(chunks)` equals `convert(images, n, seed)`.
+        n > max_batch: yields each condition's samples in slices (1, m, 28, 28), m <= max_batch,
+        in order. In both cases the chunks draw consecutively from one noise stream, so
+        `np.concatenate([c.reshape(-1, 28, 28) for c in chunks]).reshape(B, n, 28, 28)`
+        equals `convert(images, n, seed)`.
         progress: show a tqdm bar (tqdm must be installed).
         """
         n = _positive_int(n, "n")
@@ -222,7 +249,13 @@ class Converter:
                         raise InputError("images: expected at least one image, got an empty batch")
                     return
                 conditions = preprocess_batch(chunk, f"images[{start}:{start + len(chunk)}]")
-                yield self._convert(conditions, n, stream, temperature)
+                if n <= self._max_batch:
+                    yield self._convert(conditions, n, stream, temperature)
+                else:  # one condition's samples do not fit one engine batch: slice them
+                    for row in range(conditions.shape[0]):
+                        for done in range(0, n, self._max_batch):
+                            count = min(self._max_batch, n - done)
+                            yield self._convert(conditions[row:row + 1], count, stream, temperature)
                 start += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
@@ -250,9 +283,11 @@ class Converter:
         """
         n = _positive_int(n, "n")
         seed, temperature = _seed(seed), _temperature(temperature)
+        self._check_output("transfer", 1, n)
         examples, conditions = self._pairs(x, q)
         glyphs = preprocess_batch(targets, "targets")  # (T, 1, 28, 28)
         pairs, count = examples.shape[0], glyphs.shape[0]
+        self._check_output("transfer", count, n)
         if pairs not in (1, count):
             raise InputError(f"transfer: expected one (x, q) pair or one per target ({count}), got {pairs} pairs")
         mu, logvar = self._encode(examples, conditions)  # (P, D) each

@@ -29,6 +29,8 @@ def grid_image(images: np.ndarray, scale: int = 2, pad: int = 2) -> Image.Image:
 def save_grid(images: np.ndarray, path: str | os.PathLike, scale: int = 2) -> Path:
     """Write the grid to `path` atomically (temp file, then rename)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: expected a PNG file path to write, got a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)

@@ -17,6 +17,9 @@ from .errors import InputError
 
 IMAGE_SIZE = 28
 BINARIZE_THRESHOLD = 0.5
+# Largest image accepted, in pixels (8192 x 8192): bounds the memory one glyph can take (a PNG
+# of a few KB can declare billions of pixels). Files are refused from their header, before decoding.
+MAX_PIXELS = 1 << 26
 
 
 def _to_unit_float(array: np.ndarray, what: str) -> np.ndarray:
@@ -28,15 +31,14 @@ def _to_unit_float(array: np.ndarray, what: str) -> np.ndarray:
     if array.dtype == np.uint16:
         return array.astype(np.float32) / 65535.0
     if np.issubdtype(array.dtype, np.floating):
-        values = array.astype(np.float32)
-        if not np.isfinite(values).all():
+        if not np.isfinite(array).all():  # checked in the caller's dtype: a cast could overflow first
             raise InputError(f"{what}: expected finite pixel values, got NaN or inf")
-        low, high = float(values.min()), float(values.max())
+        low, high = float(array.min()), float(array.max())
         if low < 0.0 or high > 1.0:
             raise InputError(
                 f"{what}: expected float pixels in [0, 1], got values in [{low:g}, {high:g}]"
             )
-        return values
+        return array.astype(np.float32)
     raise InputError(
         f"{what}: expected dtype bool, uint8, uint16 or float, got {array.dtype}"
     )
@@ -71,14 +73,16 @@ def preprocess(image: Any, what: str = "image") -> np.ndarray:
     one (chalkboard, MNIST-style) is kept, decided by the mean of the border pixels.
     """
     if isinstance(image, (str, os.PathLike)):
-        image = _open_image(Path(image))
+        image = _open_image(Path(image), f"{what} ({image})")  # the argument and the file, both named
     elif isinstance(image, (bytes, bytearray)):
         image = _open_image(io.BytesIO(image), what)
     if isinstance(image, Image.Image):
+        _check_pixels(image.height, image.width, what)
         gray = _to_unit_float(_pil_gray(image, what), what)
     elif isinstance(image, np.ndarray):
         if image.ndim != 2:
             raise InputError(f"{what}: expected a 2-D (H, W) array, got shape {image.shape}")
+        _check_pixels(*image.shape, what)
         gray = _to_unit_float(image, what)
     else:
         raise InputError(
@@ -95,6 +99,12 @@ def preprocess(image: Any, what: str = "image") -> np.ndarray:
     return (gray > BINARIZE_THRESHOLD).astype(np.float32)
 
 
+def _check_pixels(height: int, width: int, what: str) -> None:
+    if height * width > MAX_PIXELS:
+        raise InputError(f"{what}: expected at most {MAX_PIXELS} pixels (8192 x 8192), got {height} x {width} "
+                         f"= {height * width}")
+
+
 def _open_image(source: Path | io.BytesIO, what: str | None = None) -> Image.Image:
     name = what or str(source)
     if isinstance(source, Path):
@@ -102,11 +112,16 @@ def _open_image(source: Path | io.BytesIO, what: str | None = None) -> Image.Ima
             raise InputError(f"{name}: expected an image file, but the path does not exist")
         if source.is_dir():
             raise InputError(f"{name}: expected an image file, got a directory")
+        if not source.is_file():  # a FIFO would block, /dev/zero would never end
+            raise InputError(f"{name}: expected a regular image file, got a special file (device, FIFO or socket)")
     try:
         with Image.open(source) as opened:
+            _check_pixels(opened.height, opened.width, name)  # from the header, before decoding
             opened.load()  # decode now: a truncated file fails here, not later
             return opened.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except Image.DecompressionBombError as err:  # PIL's own limit, above ours: same refusal
+        raise InputError(f"{name}: expected at most {MAX_PIXELS} pixels (8192 x 8192), got: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise InputError(f"{name}: expected a readable image file (PNG, JPEG, ...), got: {err}") from err
 
 

@@ -168,14 +168,37 @@ class Backend(ABC):
         return out
 
 
-def check_entry_io(entry: "FileEntry", role: str, where: str) -> None:
-    """The manifest entry declares the I/O names the runtime relies on."""
+def io_contract(image_size: int, latent_dim: int) -> dict[str, tuple]:
+    """Every I/O tensor of the two models -> its shape without the batch axis (all float32)."""
+    image, latent = (1, image_size, image_size), (latent_dim,)
+    return {"x": image, "q": image, "y": image, "z": latent, "mu": latent, "logvar": latent}
+
+
+def check_entry_io(entry: "FileEntry", role: str, where: str, image_size: int | None = None,
+                   latent_dim: int | None = None) -> None:
+    """The manifest entry declares the I/O names the runtime relies on and, given the
+    manifest's image_size and latent_dim, the shapes and dtypes that follow from them: a
+    dynamic batch axis, then exactly those sizes, float32 (fp16 graphs keep float32 I/O)."""
     want_in, want_out = MODEL_IO[role]
     got_in = tuple(t.name for t in entry.inputs)
     got_out = tuple(t.name for t in entry.outputs)
-    if set(got_in) != set(want_in) or set(got_out) != set(want_out):
+    if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
         raise BundleError(f"{where}: {role} {entry.path} must take inputs {list(want_in)} and give outputs "
                           f"{list(want_out)}; the manifest says inputs {list(got_in)}, outputs {list(got_out)}")
+    if image_size is None or latent_dim is None:
+        return
+    contract = io_contract(image_size, latent_dim)
+    problems = []
+    for spec in entry.inputs + entry.outputs:
+        want = contract[spec.name]
+        batch_ok = len(spec.shape) >= 1 and isinstance(spec.shape[0], str)
+        if not batch_ok or tuple(spec.shape[1:]) != want:
+            problems.append(f"{spec.name!r} shape {list(spec.shape)}, expected ['batch', {', '.join(map(str, want))}]")
+        if spec.dtype != "float32":
+            problems.append(f"{spec.name!r} dtype {spec.dtype}, expected float32")
+    if problems:
+        raise BundleError(f"{where}: {role} {entry.path}: the manifest entry does not follow from image_size "
+                          f"{image_size} and latent_dim {latent_dim}: " + "; ".join(problems))
 
 
 def compare_io(entry: "FileEntry", actual_inputs: dict[str, tuple[tuple, str]],

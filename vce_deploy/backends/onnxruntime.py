@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendError
+from ..errors import BackendError, BundleError
 from .base import MODELS, Backend, LatentStream, check_entry_io, compare_io, physical_cores
 from . import cuda
 
@@ -81,14 +81,21 @@ class OnnxRuntimeBackend(Backend):
         providers = self._providers(ort)
         self._sessions = {}
         self._output_names = {}
-        for role in MODELS:
-            entry = bundle.model_entry(role, precision, "onnx")
-            check_entry_io(entry, role, str(bundle.path))
+        entries = {role: bundle.model_entry(role, precision, "onnx") for role in MODELS}
+        for role, entry in entries.items():  # every manifest entry checked before any session exists
+            check_entry_io(entry, role, str(bundle.path), self.image_size, self.latent_dim)
+        for role, entry in entries.items():
             path = bundle.file(entry.path)
+            # from the bytes just hashed, not the path: what runs is what was verified, and an
+            # ONNX file cannot pull in external data files the manifest does not list
+            model_bytes = bundle.read_verified(entry)
             try:
-                session = ort.InferenceSession(str(path), options, providers=providers)
+                session = ort.InferenceSession(model_bytes, options, providers=providers)
             except Exception as err:  # ORT raises its own Fail/InvalidGraph types
-                raise BackendError(f"onnxruntime could not load {path}: {err}") from err
+                if self.on_gpu:  # could be the GPU stack as much as the file
+                    raise BackendError(f"onnxruntime could not load {path} on {device}: {err}") from err
+                raise BundleError(f"{path}: expected an ONNX model that onnxruntime loads (its sha256 matches the "
+                                  f"manifest, so it was exported broken or truncated), got: {err}") from err
             if self.on_gpu and not set(GPU_PROVIDERS) & set(session.get_providers()):
                 raise BackendError(f"expected {role} on {device} through {GPU_PROVIDERS}, but onnxruntime "
                                    f"only initialised {session.get_providers()} (check CUDA and cuDNN)")

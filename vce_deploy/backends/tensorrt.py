@@ -83,8 +83,8 @@ class TensorRecord:
 class EngineRunner:
     """One engine, one execution context, one stream, one device buffer per I/O tensor."""
 
-    def __init__(self, trt, runtime, path, role: str, profile_max_batch: int):
-        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+    def __init__(self, trt, runtime, path, role: str, profile_max_batch: int, data: bytes | None = None):
+        engine = runtime.deserialize_cuda_engine(data if data is not None else path.read_bytes())
         if engine is None:
             raise BackendError(f"TensorRT could not deserialize {path} (see the TensorRT log above)")
         self.engine = engine
@@ -192,8 +192,9 @@ class TensorRTBackend(Backend):
         try:
             for role in MODELS:
                 entry = bundle.entries(role, "tensorrt", precision)[0]
-                check_entry_io(entry, role, str(bundle.path))
-                runner = EngineRunner(trt, self._runtime, bundle.file(entry.path), role, entry.engine.max_batch)
+                check_entry_io(entry, role, str(bundle.path), self.image_size, self.latent_dim)
+                runner = EngineRunner(trt, self._runtime, bundle.file(entry.path), role, entry.engine.max_batch,
+                                      data=bundle.read_verified(entry))  # the bytes that were hashed
                 self._runners[role] = runner
                 compare_io(entry, *runner.io(), str(bundle.path))
         except BaseException:

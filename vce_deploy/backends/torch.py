@@ -45,7 +45,8 @@ class TorchBackend(Backend):
         self._torch = torch
         if threads:
             torch.set_num_threads(threads)  # process-wide in PyTorch: there is no per-model setting
-        model, meta = load_model(bundle.checkpoint)
+        entry = bundle.entries("checkpoint", "safetensors")[0]
+        model, meta = load_model(bundle.checkpoint, data=bundle.read_verified(entry))  # the bytes that were hashed
         config = model.config
         if (config.image_size, config.latent_dim) != (self.image_size, self.latent_dim):
             raise BundleError(f"{bundle.checkpoint}: checkpoint has image_size {config.image_size}, latent_dim "
