@@ -21,11 +21,11 @@ import dataclasses
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from vce_deploy.bundle import Bundle, EngineInfo, FileEntry, atomic_directory, file_entry, write_manifest
 from vce_deploy.errors import VCEError
+from vce_deploy.fsio import atomic_write_bytes
 
 EXIT_UNAVAILABLE = 2  # no tensorrt or no GPU: nothing was attempted
 ROLES = ("encoder", "convertor")
@@ -131,15 +131,7 @@ class EngineBuilder:
             raise RuntimeError(f"TensorRT failed to build {out.name} (see its log above)")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(bytes(serialized))
-        _write_atomic(timing_cache, bytes(memoryview(self.config.get_timing_cache().serialize())))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+        atomic_write_bytes(timing_cache, bytes(memoryview(self.config.get_timing_cache().serialize())))
 
 
 def build_engines(bundle_path, precision: str, min_batch: int, opt_batch: int, max_batch: int,

@@ -35,3 +35,12 @@ def smoke_bundle(smoke_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "smoke"
     export_bundle(smoke_checkpoint, out, precisions=("fp32", "fp16", "int8"))
     return out
+
+
+@pytest.fixture(scope="session")
+def bundle(request) -> Path:
+    """VCE_TEST_BUNDLE if set (e.g. the shipped model), else the smoke run exported by export/."""
+    import os
+
+    override = os.environ.get("VCE_TEST_BUNDLE")
+    return Path(override) if override else request.getfixturevalue("smoke_bundle")

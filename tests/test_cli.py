@@ -16,25 +16,6 @@ from vce_deploy.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bundle(request) -> Path:
-    return request.getfixturevalue("bundle_for_cli")
-
-
-@pytest.fixture(scope="session")
-def bundle_for_cli(request) -> Path:
-    import os
-
-    override = os.environ.get("VCE_TEST_BUNDLE")
-    if override:
-        return Path(override)
-    try:
-        from export import export_bundle  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"export.export_bundle is not importable yet ({err}); set VCE_TEST_BUNDLE to a bundle")
-    return request.getfixturevalue("smoke_bundle")
-
-
 @pytest.fixture()
 def glyph_files(tmp_path) -> list[Path]:
     paths = []

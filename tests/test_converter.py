@@ -26,19 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def bundle(request) -> Path:
-    """VCE_TEST_BUNDLE if set (e.g. the shipped model), else the smoke run exported by export/."""
-    override = os.environ.get("VCE_TEST_BUNDLE")
-    if override:
-        return Path(override)
-    try:
-        from export import export_bundle  # noqa: F401
-    except ImportError as err:
-        pytest.skip(f"export.export_bundle is not importable yet ({err}); set VCE_TEST_BUNDLE to a bundle")
-    return request.getfixturevalue("smoke_bundle")
-
-
-@pytest.fixture(scope="session")
 def conv(bundle) -> Converter:
     return Converter.load(bundle, backend="onnxruntime", device="cpu")
 

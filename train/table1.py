@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,17 +71,6 @@ def row_config(stage2_meta: dict, row: Row, final_steps: int | None) -> TrainCon
     return replace(config, **changes)
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def prepare_run(stage2: Path, run_dir: Path, config: TrainConfig) -> str:
     """Branch `run_dir` from the stage-2 checkpoint unless it already holds this row's run.
     Returns "branched", "resuming" or "finished"."""
@@ -101,8 +88,8 @@ def prepare_run(stage2: Path, run_dir: Path, config: TrainConfig) -> str:
                                   f"{config.total_steps} asked for (--final-steps {config.final_steps}); use another --out")
         return "finished" if meta["step"] == config.total_steps else "resuming"
     # weights first, sidecar last: a checkpoint without its sidecar is incomplete (vce_deploy.checkpoint)
-    _copy_atomic(stage2, checkpoint)
-    _copy_atomic(sidecar_path(stage2), sidecar_path(checkpoint))
+    atomic_write_bytes(checkpoint, stage2.read_bytes())
+    atomic_write_bytes(sidecar_path(checkpoint), sidecar_path(stage2).read_bytes())
     return "branched"
 
 

@@ -7,7 +7,6 @@ exactly where it stopped.
 """
 from __future__ import annotations
 
-import copy
 import csv
 import os
 import time

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import BundleError
+from .fsio import atomic_write_bytes, current_umask
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -352,24 +353,11 @@ def manifest_bytes(raw: dict) -> bytes:
 
 def write_raw_manifest(directory: Path, raw: dict) -> None:
     """Write a sealed manifest.json from a plain dict, atomically (temporary file, then rename)."""
-    _write_atomic(Path(directory) / MANIFEST, manifest_bytes(raw))
+    atomic_write_bytes(Path(directory) / MANIFEST, manifest_bytes(raw))
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
     write_raw_manifest(directory, manifest.to_dict())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # -- replacing a bundle directory whole -------------------------------------------------------
@@ -471,6 +459,7 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(final)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.{STAGING}.{os.getpid()}-"))
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the bundle from other users
     try:
         yield staging
         check_replaceable(final)  # again: something may have appeared there meanwhile

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .fsio import atomic_write_bytes
 
 CHECKPOINT_FORMAT = "vce-checkpoint/1"
 
@@ -19,20 +19,6 @@ CHECKPOINT_FORMAT = "vce-checkpoint/1"
 def sidecar_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     return path.with_name(path.name[: -len(".safetensors")] + ".json") if path.name.endswith(".safetensors") else path.with_suffix(".json")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: dict, meta: dict[str, Any]) -> None:

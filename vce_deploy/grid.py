@@ -1,14 +1,15 @@
 """Save images as one PNG grid: one row per condition, one column per sample."""
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .errors import InputError
+from .fsio import atomic_write_bytes
 
 
 def grid_image(images: np.ndarray, scale: int = 2, pad: int = 2) -> Image.Image:
@@ -31,13 +32,6 @@ def save_grid(images: np.ndarray, path: str | os.PathLike, scale: int = 2) -> Pa
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{path}: expected a PNG file path to write, got a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        grid_image(images, scale).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    png = io.BytesIO()
+    grid_image(images, scale).save(png, format="PNG")
+    return atomic_write_bytes(path, png.getvalue())
