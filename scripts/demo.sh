@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set everything up, then the main job: one never-seen glyph (a Tagalog character, a test
+# Set everything up, then the main job: one never-seen glyph (a Japanese katakana character, a test
 # alphabet) -> a PNG grid of 16 new handwritten variations, written to runs/demo/grid.png.
 # Uses the shipped default bundle; without one, it trains and exports a smoke model first.
 set -euo pipefail
@@ -9,7 +9,7 @@ mkdir -p runs/demo
 .venv/bin/python - <<'PY'
 import zipfile
 from pathlib import Path
-member = "images_background_small2/Tagalog/character05/0897_01.png"
+member = "images_background_small2/Japanese_(katakana)/character04/0599_01.png"
 with zipfile.ZipFile(Path("..") / "shared/data/omniglot/images_background_small2.zip") as archive:
     Path("runs/demo/glyph.png").write_bytes(archive.read(member))
 PY
