@@ -200,7 +200,7 @@ def _runtime_peer(peer_id: str, backend: str, precision: str, device: str | None
     def build(ctx: Context) -> Peer:
         conv = Converter.load(ctx.bundle, backend=backend, precision=precision, device=device,
                               max_batch=ctx.max_batch, threads=ctx.threads)
-        engine = conv._backend  # the Backend behind the Converter: its run() is the bare engine call
+        engine = conv.engine  # its run() is the bare engine call
 
         def bare(z: np.ndarray, q: np.ndarray) -> np.ndarray:
             return engine.run("convertor", {"z": z, "q": q})["y"]
@@ -643,7 +643,7 @@ def overhead_breakdown(bundle_path: Path, threads: int, image: Any, batch: int =
     repeated calls), on ONNX Runtime fp32 at `batch`."""
     conv = Converter.load(bundle_path, backend="onnxruntime", precision="fp32", device="cpu", threads=threads,
                           max_batch=max(batch, 1))
-    engine = conv._backend
+    engine = conv.engine
     latent = conv.latent_dim
     conditions = preprocess_batch(image)
     z, q = engine_inputs(image, batch, latent)

@@ -14,11 +14,9 @@ from typing import Sequence
 import numpy as np
 
 from .errors import VCEError
+from .tolerances import TOLERANCES
 
 # Largest |ONNX - checkpoint| each precision may show on the same inputs: the export's own
-# parity tolerances (atol), so `vce verify` and the exporter agree on what passes. int8 only
-# catches a broken quantisation here; what it really costs is judged by the NLL it adds.
-PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.25}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,12 +145,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         conv = Converter.load(bundle.path, backend="onnxruntime", precision=precision, device="cpu")
         got = _outputs(conv, inputs)
         diffs = {name: float(np.max(np.abs(got[name] - expected[name]))) for name in expected}
-        tolerance = PARITY_TOLERANCE[precision]
-        worst = max(diffs.values())
-        verdict = ("reported only (judged by NLL)" if tolerance is None
-                   else "ok" if worst <= tolerance else "FAILED")
-        failed |= verdict == "FAILED"
-        limit = f" (tolerance {tolerance:g})" if tolerance is not None else ""
+        tolerance = TOLERANCES[precision]  # the exporter's own
+        within = all(np.all(np.abs(got[name] - expected[name]) <= tolerance.allowed(expected[name]))
+                     for name in expected)
+        verdict = "ok" if within else "FAILED"
+        failed |= not within
+        limit = f" (tolerance {tolerance.atol:g} + {tolerance.rtol:g}*|torch|)"
         print(f"parity {precision}: max |onnxruntime - torch| "
               + ", ".join(f"{name} {value:.2e}" for name, value in diffs.items()) + f"{limit}: {verdict}")
     engines = bundle.entries(format="tensorrt")

@@ -151,6 +151,12 @@ class Converter:
         return self._info
 
     @property
+    def engine(self) -> Backend:
+        """The loaded backend itself: `engine.run(model, inputs)` is one bare engine call on a
+        ready batch (no preprocessing, noise or chunking), for benchmarks and profilers."""
+        return self._backend
+
+    @property
     def bundle(self) -> Bundle:
         return self._bundle
 
