@@ -80,10 +80,6 @@ def physical_cores() -> int:
     return len(cores) or os.cpu_count() or 1
 
 
-def dtype_name(dtype: object) -> str:
-    return np.dtype(dtype).name
-
-
 class Backend(ABC):
     """One bundle precision, loaded on one device. Subclasses set `name` and implement
     `unavailable`, `__init__` and `run`; GPU backends also override `latent_stream` and
@@ -136,10 +132,6 @@ class Backend(ABC):
 
     def latent_stream(self, seed: int | None) -> LatentStream:
         return LatentStream(seed)
-
-    def sample_latents(self, count: int, latent_dim: int, seed: int | None, temperature: float):
-        """`count` latents of size `latent_dim`, N(0, temperature^2 I), drawn where this backend runs."""
-        return self.latent_stream(seed).draw(count, latent_dim, temperature)
 
     def run_chunked(self, model: str, inputs: dict[str, np.ndarray], max_batch: int) -> dict[str, np.ndarray]:
         """`run` over batch slices of at most max_batch rows, outputs concatenated in order."""
