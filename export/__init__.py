@@ -86,7 +86,7 @@ def _calibration_pairs(train, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _nll_metrics(runners: dict, test, subset: int, k: int, seed: int, log) -> dict:
-    from train.data import nll_targets
+    from vce_deploy.omniglot import nll_targets
     from train.evaluate import one_shot_nll
 
     x, q = nll_targets(test)
@@ -133,14 +133,14 @@ def _versions(opset: int) -> dict:
 def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEFAULT_OPSET, *,
                   parity_batches=DEFAULT_BATCHES, measure_nll: bool = True, nll_subset: int = NLL_SUBSET,
                   nll_k: int = NLL_K, nll_seed: int = 0, slim: bool = True, data_dir=None,
-                  log: Callable[[str], None] = print) -> Path:
+                  split: str = "paper", log: Callable[[str], None] = print) -> Path:
     """Export `checkpoint` (.safetensors with its JSON sidecar) to the bundle directory `out`.
 
     Raises ParityError (every mismatch listed) when fp32 or int8 ONNX Runtime outputs leave
     their tolerance against eager PyTorch, ExportError when a graph breaks the I/O contract;
     in both cases `out` is left exactly as it was. Returns the bundle path.
     """
-    from train.data import DEFAULT_DATA_DIR, load_test, load_train
+    from vce_deploy.omniglot import load_split
     from vce_deploy.checkpoint import load_model
 
     from .onnx_export import export_onnx
@@ -150,11 +150,10 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
     precisions = _check_precisions(precisions)
     checkpoint, out = Path(checkpoint), Path(out)
     check_replaceable(out)  # before minutes of work: --out must be absent, empty or a bundle
-    data_dir = Path(data_dir) if data_dir else DEFAULT_DATA_DIR
     vce, meta = load_model(checkpoint)
     size, latent = vce.config.image_size, vce.config.latent_dim
     reference = TorchReference(vce)
-    test = load_test(data_dir)
+    test = load_split(split, "test", data_dir)
     exporter = _versions(opset)
     paths = {}
     with atomic_directory(out) as stage:
@@ -169,7 +168,7 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
             for role in IO_NAMES:
                 to_fp16(stage / model_file(role, "fp32"), stage / model_file(role, "fp16"), role, size, latent, opset)
         if "int8" in precisions:
-            x, q = _calibration_pairs(load_train(data_dir), seed=0)
+            x, q = _calibration_pairs(load_split(split, "train", data_dir), seed=0)
             feeds = calibration_batches(reference, x, q)
             for role in IO_NAMES:
                 to_int8(stage / model_file(role, "fp32"), stage / model_file(role, "int8"), role, feeds[role],

@@ -39,12 +39,15 @@ def main(argv=None) -> int:
     parser.add_argument("--nll-k", type=_positive, default=NLL_K, help="importance samples per target")
     parser.add_argument("--no-nll", action="store_true", help="skip the NLL per precision")
     parser.add_argument("--no-slim", action="store_true", help="keep the exporter's graph (no onnxslim)")
-    parser.add_argument("--data-dir", default=None, help="folder with the two Omniglot zips")
+    parser.add_argument("--data-dir", default=None, help="folder with the Omniglot zips")
+    parser.add_argument("--split", default="paper", choices=("paper", "small"),
+                        help="Omniglot split: int8 calibration on its training part, NLL on its test part")
     args = parser.parse_args(argv)
     try:
         export_bundle(args.checkpoint, args.out, precisions=tuple(args.precision), opset=args.opset,
                       parity_batches=tuple(args.batches), measure_nll=not args.no_nll, nll_subset=args.nll_subset,
-                      nll_k=args.nll_k, slim=not args.no_slim, data_dir=args.data_dir)
+                      nll_k=args.nll_k, slim=not args.no_slim, data_dir=args.data_dir,
+                      split=args.split)
     except (ParityError, ExportError) as err:
         print(f"export failed, no bundle written: {err}", file=sys.stderr)
         return 1

@@ -33,7 +33,7 @@ def smoke_bundle(smoke_checkpoint, tmp_path_factory) -> Path:
     from export import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "smoke"
-    export_bundle(smoke_checkpoint, out, precisions=("fp32", "fp16", "int8"))
+    export_bundle(smoke_checkpoint, out, precisions=("fp32", "fp16", "int8"), split="small")
     return out
 
 

@@ -11,7 +11,7 @@ import pytest
 from vce_deploy import Converter
 from vce_deploy.bundle import Bundle, default_bundle_path
 
-from train.data import load_test
+from vce_deploy.omniglot import load_split
 
 
 def mean_bce(y: np.ndarray, target: np.ndarray) -> float:
@@ -40,7 +40,7 @@ def test_conversions_look_like_their_condition(precision):
     over the median BCE against the other 15 conditions. Measured on the shipped model (fp32):
     mean ratio 0.37, 15 of 16 below 0.5; a model that ignores its condition sits near 1."""
     conv = Converter.load(backend="onnxruntime", precision=precision)
-    test = load_test()
+    test = load_split("small", "test")
     characters = list(range(0, len(test), 7))  # spread over the three test alphabets
     samples = conv.convert(test.images[characters, 0], n=16, seed=0)  # (16, 16, 28, 28)
     ratios = []
@@ -56,7 +56,7 @@ def test_conversions_look_like_their_condition(precision):
 def test_same_drawing_other_hand_is_closer_than_other_characters(converter):
     """Samples of a glyph are variations of that character: another person's drawing of the
     same character fits them better than drawings of other characters do."""
-    test = load_test()
+    test = load_split("small", "test")
     c, other = 10, 70
     samples = converter.convert(test.images[c, 0], n=32, seed=1)[0]
     same = np.mean([mean_bce(samples, test.images[c, i]) for i in range(1, 20)])

@@ -170,9 +170,9 @@ def test_cli_refuses_what_it_cannot_evaluate(tmp_path, capsys):
 
 def test_a_bundle_is_evaluated_through_the_runtime(smoke_bundle, smoke_checkpoint, tmp_path, capsys):
     """The same estimator on the exported fp32 ONNX model gives the PyTorch model's NLL."""
-    from train.data import load_test, nll_targets
+    from vce_deploy.omniglot import load_split, nll_targets
 
-    x, q = nll_targets(load_test())
+    x, q = nll_targets(load_split("small", "test"))
     x, q = x[:6], q[:6]
     torch_nll = one_shot_nll(TorchModel.from_checkpoint(smoke_checkpoint), x, q, k=8, seed=1)
     out = tmp_path / "bundle.json"

@@ -23,9 +23,9 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def test_images():
-    from train.data import load_test
+    from vce_deploy.omniglot import load_split
 
-    return load_test().images
+    return load_split("small", "test").images
 
 
 def test_bundle_parity_at_batch_1_and_257(smoke_bundle, test_images):

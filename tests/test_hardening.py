@@ -475,9 +475,9 @@ def test_weights_of_the_wrong_shape_are_a_checkpoint_error(tmp_path, smoke_check
 
 @pytest.fixture(scope="module")
 def cached_data():
-    from train.data import DEFAULT_DATA_DIR, load_test, load_train
+    from vce_deploy.omniglot import load_split
 
-    return load_train(DEFAULT_DATA_DIR), load_test(DEFAULT_DATA_DIR)
+    return load_split("small", "train"), load_split("small", "test")
 
 
 def _fast_export(monkeypatch, smoke_bundle: Path, cached_data) -> None:
@@ -485,7 +485,7 @@ def _fast_export(monkeypatch, smoke_bundle: Path, cached_data) -> None:
     copies of the session bundle's files; a test then makes one step fail."""
     import export.onnx_export as onnx_export
     import export.quantize as quantize
-    import train.data as data
+    import vce_deploy.omniglot as data
 
     def copy_onnx(module, role, size, latent, path, opset, slim):
         shutil.copy(smoke_bundle / Path(path).name, path)
@@ -498,8 +498,7 @@ def _fast_export(monkeypatch, smoke_bundle: Path, cached_data) -> None:
     monkeypatch.setattr(quantize, "to_fp16", copy_quantized)
     monkeypatch.setattr(quantize, "to_int8", copy_quantized)
     monkeypatch.setattr(quantize, "calibration_batches", lambda *a, **k: {"encoder": [], "convertor": []})
-    monkeypatch.setattr(data, "load_train", lambda *a, **k: cached_data[0])
-    monkeypatch.setattr(data, "load_test", lambda *a, **k: cached_data[1])
+    monkeypatch.setattr(data, "load_split", lambda split, part, data_dir=None: cached_data[part == "test"])
 
 
 def _boom(*args, **kwargs):
@@ -551,7 +550,7 @@ def test_an_export_failing_at_any_step_leaves_the_old_bundle_byte_identical(
             replacement = _fail_convertor_onnx(getattr(target, name))
         monkeypatch.setattr(target, name, replacement)
     run = lambda: export_bundle(smoke_checkpoint, out, precisions=("fp32", "fp16", "int8"),  # noqa: E731
-                                parity_batches=(1,), measure_nll=step == "nll", log=lambda _: None)
+                                parity_batches=(1,), measure_nll=step == "nll", split="small", log=lambda _: None)
     if step is None:
         run()  # the harness really replaces the bundle when nothing fails
         assert tree_digest(out) != before and Bundle.load(out).manifest.step != 12345
@@ -586,7 +585,7 @@ elif kill_at == "swap":  # right after the new bundle took the old one's place
         assert real(a, b), "RENAME_EXCHANGE is not available here"
         die()
     bundle._exchange = exchange_then_die
-export.export_bundle(checkpoint, out, precisions=("fp32",), parity_batches=(1,), measure_nll=False, log=lambda _: None)
+export.export_bundle(checkpoint, out, precisions=("fp32",), parity_batches=(1,), measure_nll=False, split="small", log=lambda _: None)
 print("export finished: the kill point was never reached")
 """
 

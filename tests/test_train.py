@@ -5,104 +5,29 @@ import csv
 import hashlib
 import io
 import shutil
-import zipfile
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import train.train as train_module
 from train.__main__ import main as train_main
 from train.config import PRESETS, preset
-from train.data import (DEFAULT_DATA_DIR, TEST_ALPHABETS, TRAIN_ALPHABETS, ZIP_NAMES, load_test, load_train,
-                        nll_targets, sample_episodes)
+from train.data import sample_episodes
+from vce_deploy.omniglot import DEFAULT_DATA_DIR, SPLITS, load_split
 from train.train import STAGE2_CHECKPOINT, _resume, _save, train
 from vce_deploy.checkpoint import load_model, load_tensors, read_meta, save_checkpoint
 from vce_deploy.errors import CheckpointError
 from vce_deploy.model import VCE
-from vce_deploy.preprocess import preprocess
 
 CHECKPOINT = "checkpoint.safetensors"
 
 
-# ---------------------------------------------------------------- data
-
 @pytest.fixture(scope="module")
 def splits():
-    return load_train(), load_test()
-
-
-def test_split_counts_and_disjoint_alphabets(splits):
-    train_split, test_split = splits
-    assert train_split.images.shape == (136, 20, 28, 28), "DESIGN.md: 136 training characters, 20 drawings each"
-    assert test_split.images.shape == (106, 20, 28, 28), "DESIGN.md: 106 test characters, 20 drawings each"
-    train_alphabets = {a for a, _ in train_split.names}
-    test_alphabets = {a for a, _ in test_split.names}
-    assert train_alphabets == set(TRAIN_ALPHABETS) and test_alphabets == set(TEST_ALPHABETS)
-    assert not train_alphabets & test_alphabets
-    assert len(set(train_split.names)) == len(train_split.names)
-    for images in (train_split.images, test_split.images):
-        assert set(np.unique(images)) <= {0.0, 1.0}
-        assert images.reshape(-1, 784).sum(1).min() > 0, "every drawing keeps some stroke pixels"
-
-
-def test_greek_and_latin_are_in_both_zips_and_counted_once(splits):
-    per_zip = []
-    for name in ZIP_NAMES:
-        with zipfile.ZipFile(DEFAULT_DATA_DIR / name) as archive:
-            per_zip.append({tuple(n.split("/")[1:4]) for n in archive.namelist() if n.endswith(".png")})
-    shared = {f for f in per_zip[0] & per_zip[1]}
-    assert {alphabet for alphabet, _, _ in shared} == {"Greek", "Latin"}, "the premise of deduplication"
-    train_split, _ = splits
-    greek = [c for a, c in train_split.names if a == "Greek"]
-    assert len(greek) == len({c for a, c, _ in shared if a == "Greek"})
-    # load_split insists on exactly 20 drawings per character: a duplicate would make it 40
-    assert train_split.images.shape[1] == 20
-
-
-def test_nll_targets_follow_the_protocol(splits):
-    _, test_split = splits
-    x, q = nll_targets(test_split)
-    assert x.shape == q.shape == (212, 1, 28, 28)
-    np.testing.assert_array_equal(x[0, 0], test_split.images[0, 0])
-    np.testing.assert_array_equal(q[0, 0], test_split.images[0, 1])
-    np.testing.assert_array_equal(x[1, 0], test_split.images[0, 10])
-    np.testing.assert_array_equal(q[1, 0], test_split.images[0, 11])
-    x_all, q_all = nll_targets(test_split, all_drawings=True)
-    assert x_all.shape == (2120, 1, 28, 28)
-    np.testing.assert_array_equal(q_all[19, 0], test_split.images[0, 0])  # drawing 19 is conditioned on drawing 0
-
-
-def test_episodes_share_one_condition_of_the_same_character(splits):
-    train_split, _ = splits
-    x, q = sample_episodes(train_split, 2, np.random.default_rng(0))
-    assert x.shape == q.shape == (38, 1, 28, 28)
-    for episode in range(2):
-        xs, qs = x[19 * episode:19 * (episode + 1), 0], q[19 * episode:19 * (episode + 1), 0]
-        assert (qs == qs[0]).all()
-        drawings = [i for c in range(len(train_split)) for i in range(20)
-                    if np.array_equal(train_split.images[c, i], qs[0])]
-        assert drawings, "the condition is a drawing of the training split"
-        char = next(c for c in range(len(train_split)) if any(np.array_equal(train_split.images[c, i], qs[0]) for i in range(20)))
-        others = {i for i in range(20) if not np.array_equal(train_split.images[char, i], qs[0])}
-        assert all(any(np.array_equal(t, train_split.images[char, i]) for i in others) for t in xs)
-
-
-def test_both_polarities_give_the_same_glyph():
-    with zipfile.ZipFile(DEFAULT_DATA_DIR / ZIP_NAMES[1]) as archive:
-        names = sorted(n for n in archive.namelist() if n.endswith(".png"))[::300][:10]
-        blobs = [archive.read(n) for n in names]
-    for name, blob in zip(names, blobs):
-        light = preprocess(blob, what=name)  # Omniglot: dark strokes on white
-        gray = np.asarray(Image.open(io.BytesIO(blob)).convert("L"))
-        dark = 255 - gray  # the same glyph, light strokes on black
-        assert light.sum() > 0
-        np.testing.assert_array_equal(preprocess(gray), light, err_msg=f"{name}: uint8 array, light background")
-        np.testing.assert_array_equal(preprocess(dark), light, err_msg=f"{name}: uint8 array, dark background")
-        np.testing.assert_array_equal(preprocess(Image.fromarray(dark)), light, err_msg=f"{name}: PIL, dark background")
+    return load_split("small", "train"), load_split("small", "validation")
 
 
 # ---------------------------------------------------------------- training runs
@@ -117,8 +42,8 @@ def tiny(**overrides):
 @pytest.fixture
 def cached_data(monkeypatch, splits):
     """The loop reads the zips on every call; these tests are about the loop, so read them once."""
-    monkeypatch.setattr(train_module, "load_train", lambda **_: splits[0])
-    monkeypatch.setattr(train_module, "load_test", lambda **_: splits[1])
+    by_part = {"train": splits[0], "validation": splits[1]}
+    monkeypatch.setattr(train_module, "load_split", lambda split, part, data_dir=None: by_part[part])
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -262,39 +187,9 @@ def test_unknown_preset_is_named(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.fixture
-def data_copy(tmp_path) -> Path:
-    folder = tmp_path / "omniglot"
-    folder.mkdir()
-    for name in ZIP_NAMES:
-        shutil.copy(DEFAULT_DATA_DIR / name, folder / name)
-        (folder / name).chmod(0o644)
-    return folder
-
-
-def test_missing_zip_is_named(data_copy, tmp_path, capsys):
-    (data_copy / ZIP_NAMES[1]).unlink()
-    with pytest.raises(FileNotFoundError, match=ZIP_NAMES[1]):
-        load_test(data_copy)
+def test_missing_zip_is_named_by_the_cli(tmp_path, capsys):
+    data_copy = tmp_path / "omniglot"
+    data_copy.mkdir()
     assert train_main(["--preset", "smoke", "--out", str(tmp_path / "run"), "--data-dir", str(data_copy),
                        "--no-progress"]) == 1
-    assert str(data_copy / ZIP_NAMES[1]) in capsys.readouterr().err
-
-
-def test_corrupt_zip_is_named(data_copy):
-    (data_copy / ZIP_NAMES[0]).write_bytes(b"not a zip at all" * 100)
-    with pytest.raises(ValueError, match=rf"{ZIP_NAMES[0]}: expected a zip archive, got a corrupt file"):
-        load_train(data_copy)
-
-
-def test_damaged_member_of_a_zip_is_named(data_copy):
-    path = data_copy / ZIP_NAMES[1]
-    with zipfile.ZipFile(path) as archive:
-        member = next(i for i in archive.infolist() if i.compress_type == zipfile.ZIP_DEFLATED and i.filename.endswith(".png"))
-    blob = bytearray(path.read_bytes())
-    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
-    for offset in range(start + 10, start + member.compress_size - 4, 7):  # the deflate stream, not the headers
-        blob[offset] ^= 0x55
-    path.write_bytes(bytes(blob))
-    with pytest.raises(ValueError, match=rf"{ZIP_NAMES[1]}: corrupt member {member.filename}"):
-        load_test(data_copy)
+    assert str(data_copy / SPLITS["small"].train_zips[0]) in capsys.readouterr().err

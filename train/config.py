@@ -11,28 +11,51 @@ from vce_deploy.model import ModelConfig
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 0
+    split: str = "paper"  # vce_deploy.omniglot.SPLITS: "paper" (30/20 alphabets) or "small" (smoke runs)
+    init_from: str = ""  # a checkpoint whose weights (not optimiser state) start the run; "" = random init
+    device: str = "cpu"  # "cuda" on a GPU machine
+    # bf16 autocast of the forward pass: "auto" = on where the hardware runs bf16 natively (a CUDA
+    # GPU; a CPU with AMX or AVX512-BF16, docs/training.md), "on", "off". Losses stay float32.
+    autocast: str = "auto"
     final_loss: str = "lmvae"  # stage 3: lmvae | vae | introvae
     # stage 1: Reptile pre-training on the VAE loss (Algorithm 2)
     reptile_steps: int = 10_000  # outer iterations
     reptile_inner_steps: int = 5  # optimiser steps on one episode per outer iteration
+    # The paper leaves Reptile's inner optimiser and step size open (Algorithm 2 writes plain SGD
+    # with stepsize eta, section 4.3 says "SGD with Adam"). We take Adam with beta1 = 0, as
+    # Nichol et al. do for few-shot Reptile (no momentum carried across tasks), and epsilon = 0.5,
+    # their value for a few inner steps.
     reptile_inner_lr: float = 2e-4
     reptile_epsilon: float = 0.5  # phi <- phi + epsilon * (phi~ - phi)
     # stage 2: VAE loss; stage 3: the final loss
     vae_steps: int = 290_000
     final_steps: int = 300_000
     lr: float = 2e-4  # Adam, section 4.3
-    lr_halve_every: int = 100_000  # steps of stages 2 and 3; the orange lines of Fig. 3
+    # Fig. 3 halves the rate a few times over 600k steps without saying when: every 100k steps
+    # of stages 2 and 3 puts the orange lines where the figure draws them.
+    lr_halve_every: int = 100_000
     episodes_per_step: int = 1  # batch = 19 * episodes_per_step pairs
     # LMVAE (eqs. 11, 12) and IntroVAE (eqs. 6, 7)
     margin: float = 50.0
     sigma: float = 0.15
     lam: float = 0.2
+    # IntroVAE's weights (eqs. 6, 7) are not given by the paper: alpha 0.25 and beta 1 are
+    # IntroVAE's own (Huang et al. 2018) for images of this size.
     intro_alpha: float = 0.25
     intro_beta: float = 1.0
+    # Fidelity switches, the paper's form by default: the hinge max(0, m - KL(z_c)) per sample
+    # before the batch mean (eq. 11) rather than on the batch mean; and Algorithm 1's alternating
+    # updates (step the encoder on L_E, recompute z_c with the updated encoder, then step the
+    # convertor on L_C) rather than both gradients from one forward pass.
+    hinge_per_sample: bool = True
+    alternating: bool = True
     # bookkeeping
     log_every: int = 10
     sample_every: int = 1000
     checkpoint_every: int = 1000
+    validate_every: int = 0  # steps between validation NLLs (0: never)
+    validate_k: int = 100  # importance samples per target for the validation NLL (a trend, not a report)
+    time_limit_s: float = 0.0  # stop cleanly (checkpoint written) after this much wall time; 0: no limit
     threads: int = 0  # 0: physical cores
     channels_last: bool = False
 
@@ -68,22 +91,30 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # seconds on 2 cores: a narrow, shallow model and a few steps of every stage
     "smoke": TrainConfig(
-        model=ModelConfig(channels=8, blocks=1),
+        model=ModelConfig(channels=8, blocks=1), split="small", autocast="off",
         reptile_steps=4, reptile_inner_steps=2, vae_steps=20, final_steps=12, lr=2e-3,
         lr_halve_every=16, log_every=2, sample_every=18, checkpoint_every=18,
         threads=1,  # a model this small gains nothing from 2 threads, and on a busy machine loses 10x
     ),
-    # the shipped model: about an hour on 2 CPU cores (see README for the measured run)
+    # the CPU campaign (docs/training.md): resumable across sessions from the checkpoint in
+    # checkpoints/default; a larger rate than the paper's, halved more often, for a shorter run
     "default": TrainConfig(
-        reptile_steps=300, reptile_inner_steps=5, reptile_inner_lr=1e-3, vae_steps=12_000,
-        final_steps=4_000, lr=1e-3, lr_halve_every=5_000, channels_last=True,
-        log_every=10, sample_every=1_000, checkpoint_every=500,
+        reptile_steps=300, reptile_inner_steps=5, reptile_inner_lr=1e-3, vae_steps=60_000,
+        final_steps=20_000, lr=1e-3, lr_halve_every=20_000, channels_last=True,
+        log_every=10, sample_every=2_000, checkpoint_every=500, validate_every=5_000,
+    ),
+    # paper scale on one H100 in under 9 minutes (scripts/train_gpu.sh): 16 episodes a step
+    "gpu": TrainConfig(
+        device="cuda", reptile_steps=500, reptile_inner_steps=5, reptile_inner_lr=1e-3, vae_steps=24_000,
+        final_steps=8_000, lr=1e-3, lr_halve_every=8_000, episodes_per_step=16, channels_last=True,
+        log_every=50, sample_every=4_000, checkpoint_every=2_000, validate_every=8_000, time_limit_s=510,
     ),
     # the paper: 600k steps, for a GPU
     "paper": TrainConfig(),
 }
 
 FINAL_LOSSES = ("lmvae", "vae", "introvae")
+AUTOCAST_CHOICES = ("auto", "on", "off")
 
 
 def preset(name: str) -> TrainConfig:
@@ -123,4 +154,6 @@ def apply_overrides(config: TrainConfig, args: argparse.Namespace) -> TrainConfi
     config = replace(config, model=model, **{k: v for k, v in given.items() if k in train_names})
     if config.final_loss not in FINAL_LOSSES:
         raise ValueError(f"unknown final loss {config.final_loss!r}; expected one of {FINAL_LOSSES}")
+    if config.autocast not in AUTOCAST_CHOICES:
+        raise ValueError(f"unknown autocast {config.autocast!r}; expected one of {AUTOCAST_CHOICES}")
     return config

@@ -128,6 +128,7 @@ class TorchModel:
         # channels_last: the same convs, measured 1.7x faster on CPU at large batch (DESIGN.md)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.vce = vce.eval().to(memory_format=self.memory_format)
+        self.device = next(vce.parameters()).device
 
     @classmethod
     def from_checkpoint(cls, path, **kwargs) -> "TorchModel":
@@ -137,17 +138,19 @@ class TorchModel:
         return cls(vce, **kwargs)
 
     def _image(self, a: np.ndarray):
-        return self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(memory_format=self.memory_format)
+        return self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(
+            self.device, memory_format=self.memory_format)
 
     def run_encoder(self, x: np.ndarray, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self.torch.inference_mode():
             mu, logvar = self.vce.encoder(self._image(x), self._image(q))
-        return mu.numpy(), logvar.numpy()
+        return mu.float().cpu().numpy(), logvar.float().cpu().numpy()
 
     def run_convertor(self, z: np.ndarray, q: np.ndarray) -> np.ndarray:
         with self.torch.inference_mode():
-            y = self.vce.convertor(self.torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)), self._image(q))
-        return y.contiguous().numpy()
+            z = self.torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(self.device)
+            y = self.vce.convertor(z, self._image(q))
+        return y.float().contiguous().cpu().numpy()
 
 
 def load_evaluable(source, backend: str | None = None, precision: str | None = None):
@@ -173,24 +176,26 @@ def main(argv=None) -> int:
                                      description="One-shot NLL (nats) on the test alphabets, by importance sampling.")
     parser.add_argument("source", help="checkpoint .safetensors, or bundle directory")
     parser.add_argument("--k", type=int, default=1000, help="importance samples per target (1000 for a reported figure)")
-    parser.add_argument("--all-drawings", action="store_true", help="all 2120 targets instead of the 212 of the protocol")
+    parser.add_argument("--all-drawings", action="store_true", help="all 20 drawings of every character as targets, not drawings 0 and 10")
     parser.add_argument("--precision", default=None, help="bundle precision: fp32, fp16, int8")
     parser.add_argument("--backend", default=None, help="bundle backend, e.g. onnxruntime")
     parser.add_argument("--limit", type=int, default=None, help="only the first N targets (quick checks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=1000, help="convertor batch")
-    parser.add_argument("--data-dir", default=None, help="folder with the two Omniglot zips")
+    parser.add_argument("--data-dir", default=None, help="folder with the Omniglot zips")
+    parser.add_argument("--split", default="paper", help="paper (20 novel alphabets) or small (3)")
+    parser.add_argument("--part", default="test", help="test (for reporting) or validation (for choosing)")
     parser.add_argument("--json", default=None, help="also write the result here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     from vce_deploy.errors import VCEError
 
-    from .data import load_test, nll_targets
+    from vce_deploy.omniglot import load_split, nll_targets
 
     try:
         model, description = load_evaluable(args.source, args.backend, args.precision)
-        test = load_test(Path(args.data_dir)) if args.data_dir else load_test()
+        test = load_split(args.split, args.part, args.data_dir)
     except (VCEError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -207,6 +212,7 @@ def main(argv=None) -> int:
     print(f"-ELBO {result['elbo_mean']:.2f} ± {result['elbo_sem']:.2f} nats")
     if args.json:
         record = dict(result, source=str(args.source), model=description, seconds=seconds,
+                      split=args.split, part=args.part,
                       all_drawings=args.all_drawings, limit=args.limit)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2) + "\n")

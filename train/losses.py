@@ -1,10 +1,12 @@
 """The paper's losses. Each is a per-sample sum (over latents or pixels) and a batch mean.
 
-Equation numbers refer to ../shared/paper/vce-paper.txt.
+Equation numbers refer to the paper (Li, Han and Xing, "Variational Convertor-Encoder";
+docs/design.md, "Losses", restates each one).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.nn import functional as F
@@ -12,15 +14,36 @@ from torch.nn import functional as F
 from vce_deploy.model import VCE, reparameterize
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """bf16 / fp16 activations (autocast) -> float32 for the loss; float64 stays float64."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def kl_per_sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum(mu^2 + sigma^2 - log sigma^2 - 1), (B,).
+    Computed in float32 whatever precision the encoder ran in (bf16 autocast)."""
+    mu, logvar = _at_least_fp32(mu), _at_least_fp32(logvar)
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(dim=1)
+
+
 def kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum(mu^2 + sigma^2 - log sigma^2 - 1)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(dim=1).mean()
+    """Eq. 4, batch mean."""
+    return kl_per_sample(mu, logvar).mean()
+
+
+def hinge(margin: float, mu: torch.Tensor, logvar: torch.Tensor, per_sample: bool = True) -> torch.Tensor:
+    """max(0, m - KL(z)) of eqs. 6 and 11: per sample, then the batch mean (the paper's form),
+    or (per_sample=False) on the batch-mean KL, which goes silent for the whole batch as soon as
+    the mean crosses m."""
+    if per_sample:
+        return F.relu(margin - kl_per_sample(mu, logvar)).mean()
+    return F.relu(margin - kl(mu, logvar))
 
 
 def bce_sum(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """sum_i -t_i log y_i - (1 - t_i) log(1 - y_i) with y = sigmoid(logits), batch mean.
     Taking logits keeps it finite where y saturates."""
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(1).mean()
+    return F.binary_cross_entropy_with_logits(_at_least_fp32(logits), target, reduction="none").flatten(1).sum(1).mean()
 
 
 def con(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -36,11 +59,15 @@ def reg(logits: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 @dataclass
 class LossTerms:
     """What one step computed: `encoder` and `convertor` are the objectives whose gradients
-    reach the encoder's and the convertor's parameters; `terms` are logged."""
+    reach the encoder's and the convertor's parameters; `terms` are logged.
+
+    `convertor_after_encoder_step`, when set, recomputes L_C with the encoder as it is now:
+    the training loop calls it after stepping the encoder (Algorithm 1, lines 8-10)."""
 
     encoder: torch.Tensor
-    convertor: torch.Tensor
+    convertor: torch.Tensor | None  # None: computed by convertor_after_encoder_step
     terms: dict[str, float]
+    convertor_after_encoder_step: Callable[[], torch.Tensor] | None = None
 
 
 def vae_loss(model: VCE, x: torch.Tensor, q: torch.Tensor, generator=None) -> LossTerms:
@@ -52,29 +79,38 @@ def vae_loss(model: VCE, x: torch.Tensor, q: torch.Tensor, generator=None) -> Lo
     return LossTerms(total, total, {"kl": l_kl.item(), "con": l_con.item(), "loss": total.item()})
 
 
-def lmvae_loss(model: VCE, x, q, margin: float = 50.0, sigma: float = 0.15, lam: float = 0.2, generator=None) -> LossTerms:
+def lmvae_loss(model: VCE, x, q, margin: float = 50.0, sigma: float = 0.15, lam: float = 0.2, generator=None,
+               hinge_per_sample: bool = True, alternating: bool = False) -> LossTerms:
     """Eqs. 11 and 12 (LMVAE with style regularisation), z_c = Enc(x_c, q).
 
     L_E = KL(z) + lam * max(0, m - KL(z_c)) + (1 - sigma) CON + sigma REG   (eq. 11)
     L_C = KL(z) + lam * KL(z_c)             + (1 - sigma) CON + sigma REG   (eq. 12)
     In L_E the converted x_c is detached before it re-enters the encoder (DESIGN.md), so the
     margin term trains the encoder as a critic, not the convertor through it.
+    alternating: L_C's KL(z_c) is recomputed by `convertor_after_encoder_step` with the stepped
+    encoder (Algorithm 1); otherwise both objectives come from this one forward pass.
     """
     mu, logvar = model.encoder(x, q)
     logits = model.convertor.logits(reparameterize(mu, logvar, generator), q)
-    x_c = torch.sigmoid(logits)
+    x_c = torch.sigmoid(_at_least_fp32(logits))
     l_kl, l_con, l_reg = kl(mu, logvar), con(logits, x), reg(logits, q)
     recon = (1 - sigma) * l_con + sigma * l_reg
-    kl_c_critic = kl(*model.encoder(x_c.detach(), q))
-    kl_c = kl(*model.encoder(x_c, q))
-    l_e = l_kl + lam * F.relu(margin - kl_c_critic) + recon
-    l_c = l_kl + lam * kl_c + recon
-    terms = {"kl": l_kl.item(), "con": l_con.item(), "reg": l_reg.item(), "kl_c": kl_c.item(),
-             "loss_e": l_e.item(), "loss_c": l_c.item()}
-    return LossTerms(l_e, l_c, terms)
+    mu_c, logvar_c = model.encoder(x_c.detach(), q)
+    l_e = l_kl + lam * hinge(margin, mu_c, logvar_c, hinge_per_sample) + recon
+    terms = {"kl": l_kl.item(), "con": l_con.item(), "reg": l_reg.item(), "loss_e": l_e.item()}
+
+    def convertor_objective() -> torch.Tensor:
+        kl_c = kl(*model.encoder(x_c, q))
+        terms.update(kl_c=kl_c.item(), loss_c=(l_kl + lam * kl_c + recon).item())
+        return l_kl.detach() + lam * kl_c + recon  # KL(z) carries no convertor gradient
+
+    if alternating:
+        return LossTerms(l_e, None, terms, convertor_objective)
+    return LossTerms(l_e, convertor_objective(), terms)
 
 
-def introvae_loss(model: VCE, x, q, margin: float = 50.0, alpha: float = 0.25, beta: float = 1.0, generator=None) -> LossTerms:
+def introvae_loss(model: VCE, x, q, margin: float = 50.0, alpha: float = 0.25, beta: float = 1.0, generator=None,
+                  hinge_per_sample: bool = True, alternating: bool = False) -> LossTerms:
     """Eqs. 6 and 7 (IntroVAE adapted to the VCE), the paper's ablation.
 
     x_c = Con(z, q) with z ~ q(z | x, q); x_s = Con(z_s, q) with z_s ~ N(0, I).
@@ -83,16 +119,22 @@ def introvae_loss(model: VCE, x, q, margin: float = 50.0, alpha: float = 0.25, b
     """
     mu, logvar = model.encoder(x, q)
     logits = model.convertor.logits(reparameterize(mu, logvar, generator), q)
-    z_s = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
-    x_c, x_s = torch.sigmoid(logits), model.convertor(z_s, q)
+    z_s = torch.randn(mu.shape, generator=generator, dtype=torch.float32, device=mu.device)
+    x_c, x_s = torch.sigmoid(_at_least_fp32(logits)), _at_least_fp32(model.convertor(z_s, q))
     l_kl, l_con = kl(mu, logvar), con(logits, x)
-    critic = sum(F.relu(margin - kl(*model.encoder(x_j.detach(), q))) for x_j in (x_c, x_s))
-    kl_c, kl_s = kl(*model.encoder(x_c, q)), kl(*model.encoder(x_s, q))
+    critic = sum(hinge(margin, *model.encoder(x_j.detach(), q), hinge_per_sample) for x_j in (x_c, x_s))
     l_e = l_kl + alpha * critic + beta * l_con
-    l_c = alpha * (kl_c + kl_s) + beta * l_con
-    terms = {"kl": l_kl.item(), "con": l_con.item(), "kl_c": kl_c.item(), "kl_s": kl_s.item(),
-             "loss_e": l_e.item(), "loss_c": l_c.item()}
-    return LossTerms(l_e, l_c, terms)
+    terms = {"kl": l_kl.item(), "con": l_con.item(), "loss_e": l_e.item()}
+
+    def convertor_objective() -> torch.Tensor:
+        kl_c, kl_s = kl(*model.encoder(x_c, q)), kl(*model.encoder(x_s, q))
+        l_c = alpha * (kl_c + kl_s) + beta * l_con
+        terms.update(kl_c=kl_c.item(), kl_s=kl_s.item(), loss_c=l_c.item())
+        return l_c
+
+    if alternating:
+        return LossTerms(l_e, None, terms, convertor_objective)
+    return LossTerms(l_e, convertor_objective(), terms)
 
 
 LOSSES = {"vae": vae_loss, "lmvae": lmvae_loss, "introvae": introvae_loss}

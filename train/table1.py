@@ -204,10 +204,12 @@ def main(argv=None) -> int:
     parser.add_argument("--docs", default="docs", help="results.md and figures/ go here")
     parser.add_argument("--rows", default=",".join(r.name for r in ROWS), help="comma-separated subset of rows")
     parser.add_argument("--limit", type=int, default=None, help="only the first N NLL targets (quick checks)")
-    parser.add_argument("--all-drawings", action="store_true", help="all 2120 NLL targets")
+    parser.add_argument("--all-drawings", action="store_true", help="all 20 drawings of every character as targets")
     parser.add_argument("--seed", type=int, default=0, help="NLL noise and sample-grid seed")
     parser.add_argument("--batch-size", type=int, default=1000, help="convertor batch for the NLL")
-    parser.add_argument("--data-dir", default=None, help="folder with the two Omniglot zips")
+    parser.add_argument("--data-dir", default=None, help="folder with the Omniglot zips")
+    parser.add_argument("--validation", action="store_true",
+                        help="score the rows on the validation characters (to choose a final loss), not the test alphabets")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     by_name = {r.name: r for r in ROWS}
@@ -216,7 +218,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown rows {unknown}; expected some of {list(by_name)}")
     rows = [by_name[n] for n in args.rows.split(",")]
 
-    from .data import load_test, nll_targets
+    from vce_deploy.omniglot import load_split, nll_targets
     from .train import train
 
     stage2, out, docs = Path(args.stage2), Path(args.out), Path(args.docs)
@@ -234,7 +236,7 @@ def main(argv=None) -> int:
                   flush=True)
             if status != "finished":
                 train(configs[row.name], run_dir, data_dir=args.data_dir, progress=progress)
-        test = load_test(Path(args.data_dir)) if args.data_dir else load_test()
+        test = load_split(configs[rows[0].name].split, "validation" if args.validation else "test", args.data_dir)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

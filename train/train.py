@@ -8,6 +8,7 @@ exactly where it stopped.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 from pathlib import Path
@@ -22,7 +23,10 @@ from vce_deploy.grid import save_grid
 from vce_deploy.model import VCE
 
 from .config import TrainConfig
-from .data import Split, load_test, load_train, sample_episodes
+from vce_deploy.cpu import has_native_bf16
+from vce_deploy.omniglot import Split, load_split, nll_targets
+
+from .data import sample_episodes
 from .losses import LOSSES, LossTerms, vae_loss
 
 LOG_COLUMNS = ("step", "stage", "lr", "seconds", "loss", "loss_e", "loss_c", "kl", "con", "reg", "kl_c", "kl_s")
@@ -31,8 +35,29 @@ SAMPLE_CONDITIONS = 8
 SAMPLES_PER_CONDITION = 10
 
 
-def step_rngs(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
-    return np.random.default_rng([seed, step]), torch.Generator().manual_seed(seed * 1_000_003 + step)
+def step_rngs(seed: int, step: int, device: str = "cpu") -> tuple[np.random.Generator, torch.Generator]:
+    return np.random.default_rng([seed, step]), torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+
+
+def use_bf16(config: TrainConfig) -> bool:
+    """bf16 autocast where it runs natively (docs/training.md has the measured speed-ups)."""
+    if config.autocast != "auto":
+        return config.autocast == "on"
+    if config.device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    return has_native_bf16()
+
+
+def validation_nll(model: VCE, x: np.ndarray, q: np.ndarray, k: int, seed: int, channels_last: bool) -> dict:
+    """The one-shot NLL on the validation characters: the number every choice is made on."""
+    from .evaluate import TorchModel, one_shot_nll
+
+    was_training = model.training
+    try:
+        result = one_shot_nll(TorchModel(model, channels_last=channels_last), x, q, k=k, seed=seed)
+    finally:
+        model.train(was_training)
+    return {key: result[key] for key in ("nll_mean", "nll_sem", "elbo_mean", "k", "targets")}
 
 
 def reptile_outer_step(model: torch.nn.Module, phi: dict[str, torch.Tensor], epsilon: float) -> None:
@@ -43,29 +68,39 @@ def reptile_outer_step(model: torch.nn.Module, phi: dict[str, torch.Tensor], eps
 
 
 def apply_gradients(model: VCE, loss: LossTerms, opt_enc, opt_con) -> None:
-    """The encoder steps on grad L_E, the convertor on grad L_C (DESIGN.md, LMVAE)."""
+    """The encoder steps on grad L_E, the convertor on grad L_C (docs/design.md, "Losses").
+
+    With `loss.convertor_after_encoder_step` (Algorithm 1's alternating updates) the encoder
+    steps first and L_C is then computed with the stepped encoder."""
     enc, conv = list(model.encoder.parameters()), list(model.convertor.parameters())
     opt_enc.zero_grad(set_to_none=True)
     opt_con.zero_grad(set_to_none=True)
     if loss.encoder is loss.convertor:  # one objective (VAE): one backward pass
         loss.encoder.backward()
+        opt_enc.step()
+        opt_con.step()
+        return
+    for p, g in zip(enc, torch.autograd.grad(loss.encoder, enc, retain_graph=True)):
+        p.grad = g
+    if loss.convertor_after_encoder_step is not None:
+        opt_enc.step()
+        convertor_objective = loss.convertor_after_encoder_step()
     else:
-        grads_enc = torch.autograd.grad(loss.encoder, enc, retain_graph=True)
-        grads_con = torch.autograd.grad(loss.convertor, conv, allow_unused=True)
-        for p, g in zip(enc, grads_enc):
-            p.grad = g
-        for p, g in zip(conv, grads_con):
-            p.grad = g
-    opt_enc.step()
+        convertor_objective = loss.convertor
+    for p, g in zip(conv, torch.autograd.grad(convertor_objective, conv, allow_unused=True)):
+        p.grad = g
+    if loss.convertor_after_encoder_step is None:
+        opt_enc.step()
     opt_con.step()
 
 
 def final_loss(config: TrainConfig):
     fn = LOSSES[config.final_loss]
+    switches = {"hinge_per_sample": config.hinge_per_sample, "alternating": config.alternating}
     if config.final_loss == "lmvae":
-        return lambda m, x, q, g: fn(m, x, q, config.margin, config.sigma, config.lam, g)
+        return lambda m, x, q, g: fn(m, x, q, config.margin, config.sigma, config.lam, g, **switches)
     if config.final_loss == "introvae":
-        return lambda m, x, q, g: fn(m, x, q, config.margin, config.intro_alpha, config.intro_beta, g)
+        return lambda m, x, q, g: fn(m, x, q, config.margin, config.intro_alpha, config.intro_beta, g, **switches)
     return lambda m, x, q, g: fn(m, x, q, g)
 
 
@@ -75,8 +110,10 @@ def sample_grid(model: VCE, test: Split, seed: int) -> np.ndarray:
     q = torch.from_numpy(test.images[rows, 0][:, None])  # (8, 1, 28, 28)
     q_rep = q.repeat_interleave(SAMPLES_PER_CONDITION, 0)
     z = torch.randn(len(q_rep), model.config.latent_dim, generator=torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
     with torch.no_grad():
-        y = model.convertor(z, q_rep).reshape(SAMPLE_CONDITIONS, SAMPLES_PER_CONDITION, 28, 28)
+        y = model.convertor(z.to(device), q_rep.to(device)).float().cpu()
+    y = y.reshape(SAMPLE_CONDITIONS, SAMPLES_PER_CONDITION, 28, 28)
     return np.concatenate([q.numpy()[:, :1], y.numpy()], axis=1)
 
 
@@ -112,6 +149,9 @@ def _save(out: Path, model, optimizers, config: TrainConfig, step: int, metrics:
 def _resume(out: Path, model, optimizers, config: TrainConfig) -> int:
     path = out / "checkpoint.safetensors"
     if not path.exists():
+        if config.init_from:  # weights only: a new run that starts where another model stands
+            tensors = load_tensors(config.init_from)
+            model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         return 0
     meta = read_meta(path)
     if meta["model_config"] != config.model.to_dict():
@@ -144,8 +184,10 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2)))
     torch.manual_seed(config.seed)  # weight init
-    data_kwargs = {"data_dir": Path(data_dir)} if data_dir else {}
-    train_split, test_split = load_train(**data_kwargs), load_test(**data_kwargs)
+    device = torch.device(config.device)
+    train_split = load_split(config.split, "train", data_dir)
+    valid_split = load_split(config.split, "validation", data_dir)
+    valid_x, valid_q = nll_targets(valid_split)
     model = VCE(config.model)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
@@ -155,34 +197,50 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
         "reptile": torch.optim.Adam(model.parameters(), lr=config.reptile_inner_lr, betas=(0.0, 0.999)),
     }
     start = _resume(out, model, optimizers, config)
+    model.to(device)
+    for opt in optimizers.values():  # resumed optimiser state follows the parameters' device
+        for state in opt.state.values():
+            for key, value in state.items():
+                state[key] = value.to(device) if key != "step" else value
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(config))
     log_handle, log = _open_log(out, start)
     step_fn = final_loss(config)
     recent: list[float] = []
     t0 = time.perf_counter()
+
+    def batch(episodes: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.from_numpy(a).to(device, memory_format=memory_format)
+                     for a in sample_episodes(train_split, episodes, rng))
+
+    def save(step: int, name: str = "checkpoint.safetensors", extra: dict | None = None) -> None:
+        _save(out, model, optimizers, config, step, {"train_loss_recent_mean": float(np.mean(recent)), **(extra or {})},
+              name=name)
+
     bar = tqdm(range(start, config.total_steps), initial=start, total=config.total_steps,
                disable=not progress, desc="train", dynamic_ncols=True)
+    done = start
     for step in bar:
-        rng, gen = step_rngs(config.seed, step)
+        rng, gen = step_rngs(config.seed, step, device.type)
         stage = config.stage(step)
         lr = config.lr_at(step)
         for name in ("encoder", "convertor"):
             for group in optimizers[name].param_groups:
                 group["lr"] = lr
         # the step
-        if stage == "reptile":
-            phi = {k: v.detach().clone() for k, v in model.named_parameters()}
-            x, q = (torch.from_numpy(a).to(memory_format=memory_format) for a in sample_episodes(train_split, 1, rng))
-            for _ in range(config.reptile_inner_steps):
-                loss = vae_loss(model, x, q, gen)
-                optimizers["reptile"].zero_grad(set_to_none=True)
-                loss.encoder.backward()
-                optimizers["reptile"].step()
-            reptile_outer_step(model, phi, config.reptile_epsilon)
-        else:
-            x, q = (torch.from_numpy(a).to(memory_format=memory_format)
-                    for a in sample_episodes(train_split, config.episodes_per_step, rng))
-            loss = vae_loss(model, x, q, gen) if stage == "vae" else step_fn(model, x, q, gen)
-            apply_gradients(model, loss, optimizers["encoder"], optimizers["convertor"])
+        with autocast:
+            if stage == "reptile":
+                phi = {k: v.detach().clone() for k, v in model.named_parameters()}
+                x, q = batch(1, rng)
+                for _ in range(config.reptile_inner_steps):
+                    loss = vae_loss(model, x, q, gen)
+                    optimizers["reptile"].zero_grad(set_to_none=True)
+                    loss.encoder.backward()
+                    optimizers["reptile"].step()
+                reptile_outer_step(model, phi, config.reptile_epsilon)
+            else:
+                x, q = batch(config.episodes_per_step, rng)
+                loss = vae_loss(model, x, q, gen) if stage == "vae" else step_fn(model, x, q, gen)
+                apply_gradients(model, loss, optimizers["encoder"], optimizers["convertor"])
         # log
         headline = loss.terms.get("loss", loss.terms.get("loss_c"))
         recent = (recent + [headline])[-100:]
@@ -192,15 +250,24 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
             log_handle.flush()
             bar.set_postfix(stage=stage, **{k: f"{v:.1f}" for k, v in loss.terms.items() if k in ("kl", "con", "kl_c")})
         done = step + 1
-        # samples and checkpoint
+        # samples, validation and checkpoint
         if done % config.sample_every == 0 or done == config.total_steps:
-            save_grid(sample_grid(model, test_split, config.seed), out / "samples" / f"step_{done:07d}.png")
-        if done % config.checkpoint_every == 0 or done == config.total_steps:
-            _save(out, model, optimizers, config, done, {"train_loss_recent_mean": float(np.mean(recent))})
+            save_grid(sample_grid(model, valid_split, config.seed), out / "samples" / f"step_{done:07d}.png")
+        if config.validate_every and done % config.validate_every == 0:
+            record = {"step": done, "seconds": round(time.perf_counter() - t0, 1), **validation_nll(
+                model, valid_x, valid_q, config.validate_k, config.seed, config.channels_last)}
+            with open(out / "validation.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            bar.write(f"step {done}: validation NLL {record['nll_mean']:.2f} ± {record['nll_sem']:.2f} "
+                      f"(K={record['k']}, {record['targets']} targets)")
+        out_of_time = config.time_limit_s and time.perf_counter() - t0 >= config.time_limit_s
+        if done % config.checkpoint_every == 0 or done == config.total_steps or out_of_time:
+            save(done)
         if done == config.reptile_steps + config.vae_steps:  # branch point for other final losses (train.table1)
-            _save(out, model, optimizers, config, done, {"train_loss_recent_mean": float(np.mean(recent))},
-                  name=STAGE2_CHECKPOINT)
+            save(done, name=STAGE2_CHECKPOINT)
+        if out_of_time:
+            break
     log_handle.close()
     bar.close()
-    return {"steps": config.total_steps, "resumed_from": start, "seconds": time.perf_counter() - t0,
+    return {"steps": done, "of": config.total_steps, "resumed_from": start, "seconds": time.perf_counter() - t0,
             "train_loss_recent_mean": float(np.mean(recent)) if recent else None}
