@@ -16,7 +16,7 @@ import math
 import numpy as np
 import pytest
 
-from train.evaluate import PROB_CLAMP, TorchModel, main, one_shot_nll
+from train.evaluate import PROB_CLAMP, TorchModel, main, one_shot_nll, sem_over_characters
 
 ALPHA, BETA, D, M = 0.9, 0.25, 56, 784
 ACTIVE = slice(M - D, M)
@@ -158,9 +158,27 @@ def test_cli_on_the_smoke_checkpoint(smoke_checkpoint, tmp_path, capsys):
     printed = capsys.readouterr().out
     record = json.loads(out.read_text())
     assert record["targets"] == 4 and record["k"] == 8 and len(record["nll_per_target"]) == 4
-    assert f"{record['nll_mean']:.2f} ± {record['nll_sem']:.2f}" in printed
+    assert f"{record['nll_mean']:.2f} ± {record['nll_sem_characters']:.2f} nats (SE over characters" in printed
+    assert record["split"] == "paper" and record["part"] == "test"
     # a Bernoulli model over 784 pixels: between 0 and 784 * log(1 / 1e-7) nats
     assert 0 < record["nll_mean"] <= record["elbo_mean"] < 784 * -math.log(PROB_CLAMP)
+
+
+def test_standard_error_over_characters_by_hand():
+    # two characters, two targets each: character means 2 and 6 -> SE = std([2, 6], ddof=1) / sqrt(2) = 2
+    assert sem_over_characters([1.0, 3.0, 5.0, 7.0], 2) == pytest.approx(2.0)
+    # correlated targets within a character: the per-character SE is larger than the per-target one
+    per_target = np.array([1.0, 3.0, 5.0, 7.0])
+    assert sem_over_characters(per_target, 2) > per_target.std(ddof=1) / 2 * 0.9
+
+
+def test_k_sweep_is_paired_on_the_same_targets(smoke_checkpoint, tmp_path, capsys):
+    out = tmp_path / "sweep.json"
+    assert main([str(smoke_checkpoint), "--k", "4", "16", "--limit", "4", "--split", "small", "--json", str(out),
+                 "--no-progress"]) == 0
+    sweep = json.loads(out.read_text())["k_sweep"]
+    assert [r["k"] for r in sweep] == [4, 16]
+    assert "K=16 - K=4:" in capsys.readouterr().out
 
 
 def test_cli_refuses_what_it_cannot_evaluate(tmp_path, capsys):
@@ -177,7 +195,7 @@ def test_a_bundle_is_evaluated_through_the_runtime(smoke_bundle, smoke_checkpoin
     torch_nll = one_shot_nll(TorchModel.from_checkpoint(smoke_checkpoint), x, q, k=8, seed=1)
     out = tmp_path / "bundle.json"
     assert main([str(smoke_bundle), "--backend", "onnxruntime", "--precision", "fp32", "--k", "8", "--seed", "1",
-                 "--limit", "6", "--json", str(out), "--no-progress"]) == 0
+                 "--limit", "6", "--split", "small", "--json", str(out), "--no-progress"]) == 0
     assert "backend=onnxruntime" in capsys.readouterr().out
     record = json.loads(out.read_text())
     bundle_nll = np.asarray(record["nll_per_target"])

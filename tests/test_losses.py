@@ -1,13 +1,15 @@
 """The paper's losses against hand-worked values, and where each LMVAE gradient goes."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from train.losses import con, kl, lmvae_loss, reg
+from train.config import TrainConfig
+from train.losses import con, hinge, introvae_loss, kl, lmvae_loss, reg, vae_loss
 from train.train import apply_gradients, reptile_outer_step
 from vce_deploy.model import VCE, ModelConfig
 
@@ -122,3 +124,112 @@ def test_reptile_outer_step(epsilon):
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), phi[name] + epsilon * (phi_tilde[name] - phi[name]),
                                    rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------- fidelity to the paper
+
+def _noise(seed: int, *shapes):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) for shape in shapes]
+
+
+def test_vae_loss_by_hand():
+    """L = KL(z) + CON(x, x_c), written out with the same noise."""
+    model, x, q = _tiny_batch(seed=4)
+    mu, logvar = model.encoder(x, q)
+    (eps,) = _noise(7, mu.shape)
+    y = model.convertor(mu + torch.exp(0.5 * logvar) * eps, q)
+    want = (0.5 * (mu ** 2 + logvar.exp() - logvar - 1).sum(1)).mean() \
+        + (-(x * torch.log(y) + (1 - x) * torch.log(1 - y))).flatten(1).sum(1).mean()
+    got = vae_loss(model, x, q, torch.Generator().manual_seed(7))
+    assert got.encoder is got.convertor, "one objective for both networks"
+    assert got.encoder.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_introvae_loss_eqs_6_and_7_by_hand():
+    margin, alpha, beta = 1e4, 0.25, 1.0  # a margin above every KL: both hinges active
+    model, x, q = _tiny_batch(seed=5)
+
+    def kl_(m, lv):
+        return 0.5 * (m ** 2 + lv.exp() - lv - 1).sum(1)
+
+    mu, logvar = model.encoder(x, q)
+    eps, z_s = _noise(8, mu.shape, mu.shape)  # reparameterisation first, then z_s, as the loss draws them
+    y = model.convertor(mu + torch.exp(0.5 * logvar) * eps, q)
+    x_s = model.convertor(z_s, q)
+    l_con = (-(x * torch.log(y) + (1 - x) * torch.log(1 - y))).flatten(1).sum(1).mean()
+    critic = sum((margin - kl_(*model.encoder(t.detach(), q))).mean() for t in (y, x_s))
+    want_e = kl_(mu, logvar).mean() + alpha * critic + beta * l_con
+    want_c = alpha * (kl_(*model.encoder(y, q)).mean() + kl_(*model.encoder(x_s, q)).mean()) + beta * l_con
+    got = introvae_loss(model, x, q, margin, alpha, beta, torch.Generator().manual_seed(8))
+    assert got.encoder.item() == pytest.approx(want_e.item(), rel=1e-5)
+    assert got.convertor.item() == pytest.approx(want_c.item(), rel=1e-5)
+
+
+def test_hinge_per_sample_against_the_batch_mean_by_hand():
+    # KL per sample: 0.5 * mu^2 summed: sample 0 -> 10, sample 1 -> 90; batch mean 50
+    mu = torch.tensor([[math.sqrt(20.0), 0.0], [math.sqrt(180.0), 0.0]], dtype=torch.float64)
+    logvar = torch.zeros_like(mu)
+    assert hinge(50.0, mu, logvar, per_sample=True).item() == pytest.approx((40.0 + 0.0) / 2)
+    assert hinge(50.0, mu, logvar, per_sample=False).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_an_inactive_hinge_gives_the_critic_no_gradient():
+    """margin 0: max(0, 0 - KL) is 0 for every sample, so L_E's encoder gradient is that of
+    KL(z) + the reconstruction alone."""
+    model, x, q = _tiny_batch(seed=6)
+    enc = list(model.encoder.parameters())
+    loss = lmvae_loss(model, x, q, margin=0.0, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad(loss.encoder, enc)
+    mu, logvar = model.encoder(x, q)
+    (eps,) = _noise(3, mu.shape)
+    logits = model.convertor.logits(mu + torch.exp(0.5 * logvar) * eps, q)
+    without_critic = kl(mu, logvar) + 0.85 * con(logits, x) + 0.15 * reg(logits, q)
+    for g, w in zip(got, torch.autograd.grad(without_critic, enc)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_alternating_updates_follow_algorithm_1():
+    """Encoder steps on grad L_E; then z_c = Enc(x_c, q) is recomputed with the stepped encoder
+    and the convertor steps on grad L_C of that (lines 7-10)."""
+    margin, sigma, lam, lr = 50.0, 0.15, 0.2, 5e-2
+    model, x, q = _tiny_batch(seed=7)
+    reference = copy.deepcopy(model)
+    enc, conv = list(model.encoder.parameters()), list(model.convertor.parameters())
+    loss = lmvae_loss(model, x, q, margin, sigma, lam, torch.Generator().manual_seed(4), alternating=True)
+    apply_gradients(model, loss, torch.optim.SGD(enc, lr=lr), torch.optim.SGD(conv, lr=lr))
+
+    r_enc, r_conv = list(reference.encoder.parameters()), list(reference.convertor.parameters())
+    l_e, _, recon, _ = _lmvae_by_hand(reference, x, q, margin, sigma, lam, noise_seed=4)
+    mu, logvar = reference.encoder(x, q)
+    (eps,) = _noise(4, mu.shape)
+    y = reference.convertor(mu + torch.exp(0.5 * logvar) * eps, q)
+    grads_e = torch.autograd.grad(l_e, r_enc)
+    with torch.no_grad():
+        for p, g in zip(r_enc, grads_e):
+            p -= lr * g
+    kl_c_new = (0.5 * (lambda m, lv: (m ** 2 + lv.exp() - lv - 1).sum(1))(*reference.encoder(y, q))).mean()
+    l_c = lam * kl_c_new + (1 - sigma) * con(torch.log(y / (1 - y)), x) + sigma * reg(torch.log(y / (1 - y)), q)
+    want_conv = [p - lr * g for p, g in zip(r_conv, torch.autograd.grad(l_c, r_conv))]
+    for p, w in zip(enc, r_enc):
+        torch.testing.assert_close(p.detach(), w.detach(), rtol=1e-5, atol=1e-7)
+    for p, w in zip(conv, want_conv):
+        torch.testing.assert_close(p.detach(), w.detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_learning_rate_schedule_and_stage_boundaries_by_hand():
+    config = TrainConfig()  # the paper's numbers: 10k Reptile, 290k VAE, 300k final; halve every 100k
+    assert [config.stage(s) for s in (0, 9_999, 10_000, 299_999, 300_000, 599_999)] == \
+        ["reptile", "reptile", "vae", "vae", "lmvae", "lmvae"]
+    assert config.total_steps == 600_000
+    assert [config.lr_at(s) for s in (0, 10_000, 109_999, 110_000, 210_000, 310_000)] == \
+        [2e-4, 2e-4, 2e-4, 1e-4, 5e-5, 2.5e-5]
+
+
+@pytest.mark.parametrize("autocast, native, want", [("auto", True, True), ("auto", False, False),
+                                                     ("on", False, True), ("off", True, False)])
+def test_bf16_autocast_follows_the_cpu(monkeypatch, autocast, native, want):
+    import train.train as train_module
+
+    monkeypatch.setattr(train_module, "has_native_bf16", lambda: native)
+    assert train_module.use_bf16(TrainConfig(autocast=autocast)) is want

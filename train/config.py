@@ -55,6 +55,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     validate_every: int = 0  # steps between validation NLLs (0: never)
     validate_k: int = 100  # importance samples per target for the validation NLL (a trend, not a report)
+    checkpoint_every_s: float = 0.0  # also checkpoint after this much wall time since the last one; 0: off
     time_limit_s: float = 0.0  # stop cleanly (checkpoint written) after this much wall time; 0: no limit
     threads: int = 0  # 0: physical cores
     channels_last: bool = False
@@ -107,7 +108,8 @@ PRESETS: dict[str, TrainConfig] = {
     "gpu": TrainConfig(
         device="cuda", reptile_steps=500, reptile_inner_steps=5, reptile_inner_lr=1e-3, vae_steps=24_000,
         final_steps=8_000, lr=1e-3, lr_halve_every=8_000, episodes_per_step=16, channels_last=True,
-        log_every=50, sample_every=4_000, checkpoint_every=2_000, validate_every=8_000, time_limit_s=510,
+        log_every=50, sample_every=4_000, checkpoint_every=2_000, checkpoint_every_s=60, validate_every=8_000,
+        time_limit_s=510,
     ),
     # the paper: 600k steps, for a GPU
     "paper": TrainConfig(),

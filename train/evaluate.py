@@ -118,6 +118,15 @@ def one_shot_nll(model, x: np.ndarray, q: np.ndarray, k: int = 1000, seed: int =
             "k": int(k), "targets": int(n), "seed": int(seed), "nll_per_target": nll.tolist()}
 
 
+def sem_over_characters(per_target, targets_per_character: int) -> float:
+    """Standard error of the mean NLL with characters as the unit: a character's targets share
+    its condition drawings and are correlated, so the per-target SE understates the spread.
+    Targets are character-major (vce_deploy.omniglot.nll_targets); a partial last character counts."""
+    values = np.asarray(per_target, dtype=np.float64)
+    groups = [values[i:i + targets_per_character].mean() for i in range(0, len(values), targets_per_character)]
+    return float(np.std(groups, ddof=1) / math.sqrt(len(groups))) if len(groups) > 1 else 0.0
+
+
 class TorchModel:
     """A PyTorch VCE behind the evaluator's numpy interface: eval mode, no autograd."""
 
@@ -175,7 +184,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.evaluate",
                                      description="One-shot NLL (nats) on the test alphabets, by importance sampling.")
     parser.add_argument("source", help="checkpoint .safetensors, or bundle directory")
-    parser.add_argument("--k", type=int, default=1000, help="importance samples per target (1000 for a reported figure)")
+    parser.add_argument("--k", type=int, nargs="+", default=[1000],
+                        help="importance samples per target (1000 for a reported figure); several values = a K sweep "
+                             "on the same targets, to show the estimate has converged")
     parser.add_argument("--all-drawings", action="store_true", help="all 20 drawings of every character as targets, not drawings 0 and 10")
     parser.add_argument("--precision", default=None, help="bundle precision: fp32, fp16, int8")
     parser.add_argument("--backend", default=None, help="bundle backend, e.g. onnxruntime")
@@ -191,7 +202,7 @@ def main(argv=None) -> int:
 
     from vce_deploy.errors import VCEError
 
-    from vce_deploy.omniglot import load_split, nll_targets
+    from vce_deploy.omniglot import load_split, nll_targets, targets_per_character
 
     try:
         model, description = load_evaluable(args.source, args.backend, args.precision)
@@ -202,20 +213,32 @@ def main(argv=None) -> int:
     x, q = nll_targets(test, all_drawings=args.all_drawings)
     if args.limit is not None:
         x, q = x[:args.limit], q[:args.limit]
-    t0 = time.perf_counter()
-    result = one_shot_nll(model, x, q, k=args.k, seed=args.seed, batch_size=args.batch_size,
-                          progress=not args.no_progress)
-    seconds = time.perf_counter() - t0
-    print(f"{description}")
-    print(f"NLL   {result['nll_mean']:.2f} ± {result['nll_sem']:.2f} nats  (K={result['k']}, "
-          f"{result['targets']} targets, seed {result['seed']}, {seconds:.0f} s)")
-    print(f"-ELBO {result['elbo_mean']:.2f} ± {result['elbo_sem']:.2f} nats")
+    per_character = targets_per_character(args.all_drawings)
+    records = []
+    for k in args.k:
+        t0 = time.perf_counter()
+        result = one_shot_nll(model, x, q, k=k, seed=args.seed, batch_size=args.batch_size,
+                              progress=not args.no_progress)
+        seconds = time.perf_counter() - t0
+        result["nll_sem_characters"] = sem_over_characters(result["nll_per_target"], per_character)
+        print(f"{description}")
+        print(f"NLL   {result['nll_mean']:.2f} ± {result['nll_sem_characters']:.2f} nats (SE over characters; "
+              f"± {result['nll_sem']:.2f} over targets)  (K={k}, {result['targets']} targets of the {args.split} "
+              f"split's {args.part} part, seed {result['seed']}, {seconds:.0f} s)")
+        print(f"-ELBO {result['elbo_mean']:.2f} ± {result['elbo_sem']:.2f} nats")
+        records.append(dict(result, source=str(args.source), model=description, seconds=seconds, split=args.split,
+                            part=args.part, all_drawings=args.all_drawings, limit=args.limit))
+    if len(records) > 1:  # paired over the same targets and noise seeds
+        base = np.asarray(records[0]["nll_per_target"])
+        for record in records[1:]:
+            diff = np.asarray(record["nll_per_target"]) - base
+            print(f"K={record['k']} - K={records[0]['k']}: {diff.mean():+.3f} ± {diff.std(ddof=1) / math.sqrt(len(diff)):.3f}"
+                  f" nats (paired, {len(diff)} targets)")
     if args.json:
-        record = dict(result, source=str(args.source), model=description, seconds=seconds,
-                      split=args.split, part=args.part,
-                      all_drawings=args.all_drawings, limit=args.limit)
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
+        from vce_deploy.fsio import atomic_write_bytes
+
+        body = records[0] if len(records) == 1 else {"k_sweep": records}
+        atomic_write_bytes(args.json, (json.dumps(body, indent=2) + "\n").encode())
     return 0
 
 

@@ -1,8 +1,10 @@
 """python -m train.speed: training steps/s of the default model on this machine, per option.
 
 Times whole optimiser steps (forward, backward, Adam) of the VAE and LMVAE stages on real
-episodes, after warm-up, for each memory format / episodes-per-step / compile choice, so
-the choice baked into the `default` preset is a measured one.
+episodes, for each option (memory format, bf16 autocast, torch.compile, episodes per step),
+so the choices the presets make are measured ones. The machines are shared and noisy, so the
+options are interleaved: every option runs once per round for `--seconds`, over `--rounds`
+rounds, and the median and range of each are reported (docs/training.md).
 """
 from __future__ import annotations
 
@@ -10,69 +12,123 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
+from vce_deploy.cpu import cpu_flags, cpu_model, has_native_bf16
 from vce_deploy.model import VCE, ModelConfig
+from vce_deploy.omniglot import load_split
 
-from .data import load_train, sample_episodes
+from .data import sample_episodes
 from .losses import lmvae_loss, vae_loss
 from .train import apply_gradients
 
+STAGES = {"vae": vae_loss, "lmvae": lambda m, x, q: lmvae_loss(m, x, q, alternating=True)}
 
-def steps_per_second(loss_fn, channels_last: bool, episodes: int, compile_model: bool, seconds: float, split) -> float:
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = VCE(ModelConfig()).to(memory_format=memory_format)
-    if compile_model:
-        model.encoder.forward = torch.compile(model.encoder.forward)
-        model.convertor.logits = torch.compile(model.convertor.logits)
-    opt_enc = torch.optim.Adam(model.encoder.parameters(), 1e-4)
-    opt_con = torch.optim.Adam(model.convertor.parameters(), 1e-4)
-    rng = np.random.default_rng(0)
 
-    def one_step():
-        x, q = (torch.from_numpy(a).to(memory_format=memory_format) for a in sample_episodes(split, episodes, rng))
-        apply_gradients(model, loss_fn(model, x, q), opt_enc, opt_con)
+@dataclass(frozen=True)
+class Option:
+    channels_last: bool = True
+    bf16: bool = False
+    compiled: bool = False
+    episodes: int = 1
 
-    for _ in range(3):  # warm-up (and compilation)
-        one_step()
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        one_step()
-        count += 1
-    return count / (time.perf_counter() - start)
+    @property
+    def label(self) -> str:
+        parts = ["channels_last" if self.channels_last else "contiguous", "bf16" if self.bf16 else "fp32"]
+        if self.compiled:
+            parts.append("compiled")
+        return " ".join(parts) + f" x{self.episodes}"
+
+
+class Contender:
+    """One option's model, optimisers and step function, built once and reused every round."""
+
+    def __init__(self, option: Option, stage: str, split, device: torch.device):
+        self.option, self.stage, self.split, self.device = option, stage, split, device
+        self.memory_format = torch.channels_last if option.channels_last else torch.contiguous_format
+        self.model = VCE(ModelConfig()).to(device, memory_format=self.memory_format)
+        if option.compiled:
+            self.model.encoder.forward = torch.compile(self.model.encoder.forward)
+            self.model.convertor.logits = torch.compile(self.model.convertor.logits)
+        self.opt_enc = torch.optim.Adam(self.model.encoder.parameters(), 1e-4)
+        self.opt_con = torch.optim.Adam(self.model.convertor.parameters(), 1e-4)
+        self.rng = np.random.default_rng(0)
+        for _ in range(3):  # warm-up (and compilation)
+            self.step()
+
+    def step(self) -> None:
+        x, q = (torch.from_numpy(a).to(self.device, memory_format=self.memory_format)
+                for a in sample_episodes(self.split, self.option.episodes, self.rng))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.option.bf16):
+            apply_gradients(self.model, STAGES[self.stage](self.model, x, q), self.opt_enc, self.opt_con)
+
+    def steps_per_second(self, seconds: float) -> float:
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            self.step()
+            count += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return count / (time.perf_counter() - start)
+
+
+def default_options(device: torch.device, with_compile: bool) -> list[Option]:
+    bf16_native = torch.cuda.is_bf16_supported() if device.type == "cuda" else has_native_bf16()
+    options = [Option(channels_last=False), Option(), Option(episodes=2)]
+    if bf16_native:  # bf16 without native support runs emulated, far slower: not worth a row
+        options += [Option(bf16=True), Option(bf16=True, episodes=2)]
+    if with_compile:
+        options.append(Option(compiled=True, bf16=bf16_native))
+    return options
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.speed", description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per configuration")
+    parser.add_argument("--seconds", type=float, default=4.0, help="timed seconds per option per round")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    split = load_train()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{args.threads} threads, {args.seconds:g} s per row")
-    print("| stage | memory format | episodes/step | compiled | steps/s | pairs/s |")
-    print("|---|---|---|---|---|---|")
+    device = torch.device(args.device)
+    split = load_split("paper", "train")
+    flags = sorted(f for f in cpu_flags() if f.startswith(("amx", "avx512_bf16", "avx512_vnni", "avx_vnni")))
+    machine = {"cpu": cpu_model(), "flags": flags, "cores": os.cpu_count(), "threads": args.threads,
+               "torch": torch.__version__, "device": str(device), "python": platform.python_version(),
+               "load_average": os.getloadavg()}
+    print(f"# {machine['cpu']} ({', '.join(flags) or 'no AMX/AVX512-BF16/VNNI'}), {args.threads} threads, "
+          f"torch {torch.__version__}, {args.rounds} rounds x {args.seconds:g} s, load {machine['load_average'][0]:.1f}")
     rows = []
-    variants = [(False, 1, False), (True, 1, False), (True, 2, False)]
-    if args.compile:
-        variants.append((True, 1, True))
-    for stage, fn in (("vae", vae_loss), ("lmvae", lmvae_loss)):
-        for channels_last, episodes, compiled in variants:
-            rate = steps_per_second(fn, channels_last, episodes, compiled, args.seconds, split)
-            row = {"stage": stage, "channels_last": channels_last, "episodes_per_step": episodes,
-                   "compiled": compiled, "steps_per_s": rate, "pairs_per_s": rate * 19 * episodes}
-            rows.append(row)
-            print(f"| {stage} | {'channels_last' if channels_last else 'contiguous'} | {episodes} | "
-                  f"{'yes' if compiled else 'no'} | {rate:.2f} | {row['pairs_per_s']:.0f} |", flush=True)
+    for stage in args.stages:
+        contenders = [Contender(o, stage, split, device) for o in default_options(device, args.compile)]
+        rates: dict[Option, list[float]] = {c.option: [] for c in contenders}
+        for _ in range(args.rounds):
+            for contender in contenders:  # interleaved: a neighbour's load hits every option alike
+                rates[contender.option].append(contender.steps_per_second(args.seconds))
+        base = statistics.median(rates[contenders[0].option])
+        for option, values in rates.items():
+            median = statistics.median(values)
+            rows.append({"stage": stage, **asdict(option), "steps_per_s_median": median,
+                         "steps_per_s_min": min(values), "steps_per_s_max": max(values),
+                         "pairs_per_s_median": median * 19 * option.episodes, "speedup": median / base})
+    print("| stage | option | steps/s median (min-max) | pairs/s | vs contiguous fp32 |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        option = Option(r["channels_last"], r["bf16"], r["compiled"], r["episodes"])
+        print(f"| {r['stage']} | {option.label} | {r['steps_per_s_median']:.2f} ({r['steps_per_s_min']:.2f}-"
+              f"{r['steps_per_s_max']:.2f}) | {r['pairs_per_s_median']:.0f} | {r['speedup']:.2f}x |")
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(rows, handle, indent=2)
+        from vce_deploy.fsio import atomic_write_bytes
+
+        atomic_write_bytes(args.json, (json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n").encode())
     return 0
 
 

@@ -206,7 +206,7 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
     log_handle, log = _open_log(out, start)
     step_fn = final_loss(config)
     recent: list[float] = []
-    t0 = time.perf_counter()
+    t0 = last_save = time.perf_counter()
 
     def batch(episodes: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(torch.from_numpy(a).to(device, memory_format=memory_format)
@@ -260,9 +260,12 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
                 handle.write(json.dumps(record) + "\n")
             bar.write(f"step {done}: validation NLL {record['nll_mean']:.2f} ± {record['nll_sem']:.2f} "
                       f"(K={record['k']}, {record['targets']} targets)")
-        out_of_time = config.time_limit_s and time.perf_counter() - t0 >= config.time_limit_s
-        if done % config.checkpoint_every == 0 or done == config.total_steps or out_of_time:
+        now = time.perf_counter()
+        out_of_time = config.time_limit_s and now - t0 >= config.time_limit_s
+        save_due = config.checkpoint_every_s and now - last_save >= config.checkpoint_every_s
+        if done % config.checkpoint_every == 0 or done == config.total_steps or out_of_time or save_due:
             save(done)
+            last_save = now
         if done == config.reptile_steps + config.vae_steps:  # branch point for other final losses (train.table1)
             save(done, name=STAGE2_CHECKPOINT)
         if out_of_time:
