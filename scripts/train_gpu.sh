@@ -9,8 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: bash scripts/train_gpu.sh OUT_DIR [flags]}
 shift
-PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] && PYTHON=.venv/bin/python
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=python3
+    [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
+fi
 data_dir=${DATA_DIR:-../shared/data/omniglot}
 if [ "${VCE_TRAIN_GPU_DRY:-0}" = 1 ]; then
     preset=(--preset smoke --device cpu --time-limit-s 60 --checkpoint-every-s 1)

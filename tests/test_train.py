@@ -4,7 +4,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -193,3 +197,42 @@ def test_missing_zip_is_named_by_the_cli(tmp_path, capsys):
     assert train_main(["--preset", "smoke", "--out", str(tmp_path / "run"), "--data-dir", str(data_copy),
                        "--no-progress"]) == 1
     assert str(data_copy / SPLITS["small"].train_zips[0]) in capsys.readouterr().err
+
+
+def test_time_limit_stops_cleanly_with_a_checkpoint_and_the_run_resumes(tmp_path, cached_data):
+    result = train(tiny(time_limit_s=1e-9), tmp_path / "run", progress=False)
+    assert result["steps"] == 1, "stopped after the first step"
+    assert read_meta(tmp_path / "run" / CHECKPOINT)["step"] == 1
+    resumed = train(tiny(), tmp_path / "run", progress=False)
+    assert resumed["resumed_from"] == 1 and resumed["steps"] == 9
+    train(tiny(), tmp_path / "whole", progress=False)
+    _assert_same_tensors(_weights(tmp_path / "run" / CHECKPOINT), _weights(tmp_path / "whole" / CHECKPOINT),
+                         "stopped by the clock, then resumed")
+
+
+def test_validation_nll_is_logged_at_milestones(tmp_path, cached_data):
+    train(tiny(validate_every=4, validate_k=2), tmp_path / "run", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "run" / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [4, 8]
+    assert all(r["k"] == 2 and r["targets"] == 24 and r["nll_mean"] > 0 for r in records)
+
+
+def test_init_from_starts_from_another_runs_weights(tmp_path, cached_data):
+    train(tiny(), tmp_path / "a", progress=False)
+    config = tiny(init_from=str(tmp_path / "a" / CHECKPOINT), reptile_steps=0, vae_steps=0, final_steps=0)
+    train(config, tmp_path / "b", progress=False)
+    assert not (tmp_path / "b" / CHECKPOINT).exists(), "no step, no checkpoint"
+    model = VCE(config.model)
+    train_module._resume(tmp_path / "b", model, {}, config)
+    want = {k: v for k, v in _weights(tmp_path / "a" / CHECKPOINT).items() if k.startswith("model.")}
+    _assert_same_tensors({f"model.{k}": v for k, v in model.state_dict().items()}, want, "init_from")
+
+
+def test_train_gpu_script_runs_its_dry_mode_on_the_cpu(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, VCE_TRAIN_GPU_DRY="1", PYTHON=sys.executable)
+    done = subprocess.run(["bash", str(root / "scripts" / "train_gpu.sh"), str(tmp_path / "gpu")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    assert "checkpoint at step 36" in done.stdout
+    assert read_meta(tmp_path / "gpu" / CHECKPOINT)["step"] == 36
