@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Copy the CPU campaign's latest checkpoint (weights + optimiser state), its loss log and its
+# validation NLLs into checkpoints/default/, where the next session resumes from:
+#   bash scripts/campaign_snapshot.sh [RUN_DIR]      (default runs/campaign)
+# The next session resumes exactly where it stopped (docs/training.md):
+#   mkdir -p runs/campaign && cp checkpoints/default/* runs/campaign/
+#   python -m train --preset default --out runs/campaign --threads 1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run=${1:-runs/campaign}
+dest=checkpoints/default
+mkdir -p "$dest"
+for f in checkpoint.safetensors checkpoint.json losses.csv validation.jsonl stage2.safetensors stage2.json; do
+    if [ -f "$run/$f" ]; then
+        cp "$run/$f" "$dest/.$f.tmp" && mv "$dest/.$f.tmp" "$dest/$f"
+    fi
+done
+python3 -c "import json; m = json.load(open('$dest/checkpoint.json')); print('snapshot at step', m['step'], m['stage'])"
