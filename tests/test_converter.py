@@ -86,7 +86,7 @@ def test_compare_io_lists_every_mismatch():
 
 def test_auto_here_is_onnxruntime_on_cpu_and_says_why(bundle):
     conv = Converter.load(bundle)
-    info = conv.backend
+    info = conv.backend_info
     assert (info.name, info.device, info.precision) == ("onnxruntime", "cpu", "fp32")
     assert "tensorrt skipped" in info.reason  # no engine, no TensorRT, no GPU here
     assert "CPUExecutionProvider" in info.detail
@@ -341,7 +341,7 @@ def test_engine_for_another_gpu_names_the_rebuild_command(bundle, tmp_path, monk
     assert "this is TensorRT 10.8.0 on NVIDIA L4 (compute capability 8.9)" in message
     assert f"python -m export.tensorrt {copy} --precision fp32 --min-batch 1 --opt-batch 64 --max-batch 256" in message
     auto = Converter.load(copy)  # auto moves on to ONNX Runtime and says why
-    assert auto.backend.name == "onnxruntime" and "built for TensorRT 10.3.0" in auto.backend.reason
+    assert auto.backend_info.name == "onnxruntime" and "built for TensorRT 10.3.0" in auto.backend_info.reason
 
 
 def test_tensorrt_without_tensorrt_is_a_clear_error(bundle, tmp_path):

@@ -32,9 +32,8 @@ import pytest
 from PIL import Image
 
 from vce_deploy import BundleError, CheckpointError, Converter, InputError, VCEError
-from vce_deploy.bundle import (Bundle, atomic_directory, check_replaceable, clean_stale, sha256_file,
-                               write_raw_manifest)
-from vce_deploy.bundle import _exchange
+from vce_deploy.bundle import Bundle, sha256_file, write_raw_manifest
+from vce_deploy.bundle_swap import _exchange, atomic_directory, check_replaceable, clean_stale
 from vce_deploy.checkpoint import load_model, load_tensors
 from vce_deploy.preprocess import MAX_PIXELS
 
@@ -520,14 +519,14 @@ def _fail_convertor_onnx(original):
 
 
 STEPS = {  # step -> how to make it fail: (module, attribute, replacement or wrapper)
-    "weights": ("export", "_weights_only", _boom),
+    "weights": ("export.pipeline", "_weights_only", _boom),
     "onnx": ("export.onnx_export", "export_onnx", "fail_convertor"),
     "fp16": ("export.quantize", "to_fp16", _boom),
     "int8": ("export.quantize", "to_int8", _boom),
-    "parity": ("export.parity", "run_parity", _boom),
-    "nll": ("export", "_nll_metrics", _boom),
-    "manifest": ("export", "write_manifest", _half_manifest),
-    "verify": ("export", "Bundle", type("Refuse", (), {"load": staticmethod(_boom)})),
+    "parity": ("vce_deploy.verify", "check_parity", _boom),
+    "nll": ("export.pipeline", "_nll_metrics", _boom),
+    "manifest": ("export.pipeline", "write_manifest", _half_manifest),
+    "verify": ("export.pipeline", "Bundle", type("Refuse", (), {"load": staticmethod(_boom)})),
 }
 
 
@@ -567,7 +566,7 @@ import os, shutil, signal, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
 checkpoint, out, source, kill_at = sys.argv[1:5]
-import export, export.onnx_export as onnx_export, vce_deploy.bundle as bundle
+import export.pipeline as pipeline, export.onnx_export as onnx_export, vce_deploy.bundle_swap as bundle_swap
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -578,14 +577,14 @@ def copy_onnx(module, role, size, latent, path, opset, slim):
 
 onnx_export.export_onnx = copy_onnx
 if kill_at == "manifest":  # every model file written, the manifest next
-    export.write_manifest = die
+    pipeline.write_manifest = die
 elif kill_at == "swap":  # right after the new bundle took the old one's place
-    real = bundle._exchange
+    real = bundle_swap._exchange
     def exchange_then_die(a, b):
         assert real(a, b), "RENAME_EXCHANGE is not available here"
         die()
-    bundle._exchange = exchange_then_die
-export.export_bundle(checkpoint, out, precisions=("fp32",), parity_batches=(1,), measure_nll=False, split="small", log=lambda _: None)
+    bundle_swap._exchange = exchange_then_die
+pipeline.export_bundle(checkpoint, out, precisions=("fp32",), parity_batches=(1,), measure_nll=False, split="small", log=lambda _: None)
 print("export finished: the kill point was never reached")
 """
 

@@ -15,13 +15,15 @@ import itertools
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from .backends import AUTO_ORDER, BACKENDS, Backend, BackendInfo, LatentStream
-from .bundle import PRECISIONS, Bundle
+from .bundle import Bundle
+from .contract import PRECISIONS
 from .errors import BundleError, InputError
 from .grid import save_grid
 from .preprocess import IMAGE_SIZE, preprocess_batch
@@ -78,7 +80,7 @@ def _raw(array: Any, what: str, sample_shape: tuple[int, ...]) -> np.ndarray:
 class Converter:
     """One bundle precision on one backend. Build it with `Converter.load`."""
 
-    def __init__(self, bundle: Bundle, backend: Backend, info: BackendInfo, max_batch: int):
+    def __init__(self, bundle: Bundle | None, backend: Backend, info: BackendInfo, max_batch: int):
         self._bundle = bundle
         self._backend = backend
         self._info = info
@@ -143,21 +145,41 @@ class Converter:
             skipped.append(f"{name} skipped: {problem}")
         raise problem  # the last backend's reason: ONNX Runtime is the floor, nothing below it
 
+    @classmethod
+    def from_torch(cls, model, channels_last: bool | None = None, max_batch: int | None = None) -> "Converter":
+        """A PyTorch VCE already in memory behind the same API, its weights used in place (not
+        copied), on the device they are on: the NLL of a model while it trains, or of a
+        checkpoint without exporting it. channels_last: see TorchBackend.from_module."""
+        from .backends.torch import TorchBackend
+
+        backend = TorchBackend.from_module(model, channels_last)
+        max_batch = _positive_int(max_batch, "max_batch") if max_batch is not None else backend.default_max_batch
+        info = BackendInfo(backend.name, backend.device, "fp32", backend.describe(), "a PyTorch model was given")
+        return cls(None, backend, info, max_batch)
+
     # -- what was loaded ---------------------------------------------------------------------
 
     @property
-    def backend(self) -> BackendInfo:
+    def backend_info(self) -> BackendInfo:
         """Which backend, device and precision were chosen, and why."""
         return self._info
 
     @property
-    def engine(self) -> Backend:
-        """The loaded backend itself: `engine.run(model, inputs)` is one bare engine call on a
+    def backend(self) -> Backend:
+        """The loaded backend itself: `backend.run(model, inputs)` is one bare engine call on a
         ready batch (no preprocessing, noise or chunking), for benchmarks and profilers."""
         return self._backend
 
     @property
-    def bundle(self) -> Bundle:
+    def engine(self) -> Backend:
+        """Deprecated name of `backend`."""
+        warnings.warn("Converter.engine is deprecated: use Converter.backend (and Converter.backend_info for "
+                      "what was chosen and why)", DeprecationWarning, stacklevel=2)
+        return self._backend
+
+    @property
+    def bundle(self) -> Bundle | None:
+        """The bundle loaded, or None for a model given in memory (`from_torch`)."""
         return self._bundle
 
     @property
@@ -170,14 +192,15 @@ class Converter:
 
     @property
     def latent_dim(self) -> int:
-        return self._bundle.manifest.latent_dim
+        return self._backend.latent_dim
 
     @property
     def image_size(self) -> int:
-        return self._bundle.manifest.image_size
+        return self._backend.image_size
 
     def __repr__(self) -> str:
-        return f"Converter({str(self._bundle.path)!r}, {self._info.name} on {self._info.device}, {self.precision})"
+        source = str(self._bundle.path) if self._bundle is not None else "a model in memory"
+        return f"Converter({source!r}, {self._info.name} on {self._info.device}, {self.precision})"
 
     def close(self) -> None:
         """Release device memory (TensorRT buffers); CPU backends hold none."""

@@ -6,7 +6,8 @@ checked or built, so importing this package imports none of them.
 """
 from __future__ import annotations
 
-from .base import Backend, BackendInfo, LatentStream, MODELS
+from ..contract import MODELS
+from .base import Backend, BackendInfo, LatentStream
 from .onnxruntime import OnnxRuntimeBackend
 from .tensorrt import TensorRTBackend
 from .torch import TorchBackend

@@ -15,22 +15,16 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from ..contract import BATCH_AXIS, IO_DTYPE, MODEL_IO, tensor_shapes
 from ..errors import BackendError, BundleError
 
 if TYPE_CHECKING:
     from ..bundle import Bundle, FileEntry
 
-MODELS = ("encoder", "convertor")
-# The I/O contract of the exported graphs (DESIGN.md "Bundle"); the manifest must agree.
-MODEL_IO = {
-    "encoder": (("x", "q"), ("mu", "logvar")),
-    "convertor": (("z", "q"), ("y",)),
-}
-
 
 @dataclass(frozen=True)
 class BackendInfo:
-    """What `Converter.load` chose, on which device, and why: `conv.backend`."""
+    """What `Converter.load` chose, on which device, and why: `converter.backend_info`."""
 
     name: str  # registry key: "onnxruntime", "tensorrt", "torch"
     device: str  # "cpu", "cuda:0"
@@ -87,13 +81,14 @@ class Backend(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, bundle: "Bundle", precision: str, device: str, threads: int | None):
-        self.bundle = bundle
+    def __init__(self, bundle: "Bundle | None", precision: str, device: str, threads: int | None):
+        self.bundle = bundle  # None for a model given in memory (TorchBackend.from_module)
         self.precision = precision
         self.device = device
         self.threads = threads
-        self.image_size = bundle.manifest.image_size
-        self.latent_dim = bundle.manifest.latent_dim
+        if bundle is not None:
+            self.image_size = bundle.manifest.image_size
+            self.latent_dim = bundle.manifest.latent_dim
 
     @classmethod
     @abstractmethod
@@ -160,18 +155,12 @@ class Backend(ABC):
         return out
 
 
-def io_contract(image_size: int, latent_dim: int) -> dict[str, tuple]:
-    """Every I/O tensor of the two models -> its shape without the batch axis (all float32)."""
-    image, latent = (1, image_size, image_size), (latent_dim,)
-    return {"x": image, "q": image, "y": image, "z": latent, "mu": latent, "logvar": latent}
-
-
 def check_entry_io(entry: "FileEntry", role: str, where: str, image_size: int | None = None,
                    latent_dim: int | None = None) -> None:
     """The manifest entry declares the I/O names the runtime relies on and, given the
     manifest's image_size and latent_dim, the shapes and dtypes that follow from them: a
     dynamic batch axis, then exactly those sizes, float32 (fp16 graphs keep float32 I/O)."""
-    want_in, want_out = MODEL_IO[role]
+    want_in, want_out = MODEL_IO[role].inputs, MODEL_IO[role].outputs
     got_in = tuple(t.name for t in entry.inputs)
     got_out = tuple(t.name for t in entry.outputs)
     if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
@@ -179,15 +168,15 @@ def check_entry_io(entry: "FileEntry", role: str, where: str, image_size: int | 
                           f"{list(want_out)}; the manifest says inputs {list(got_in)}, outputs {list(got_out)}")
     if image_size is None or latent_dim is None:
         return
-    contract = io_contract(image_size, latent_dim)
+    contract = tensor_shapes(image_size, latent_dim)
     problems = []
     for spec in entry.inputs + entry.outputs:
         want = contract[spec.name]
         batch_ok = len(spec.shape) >= 1 and isinstance(spec.shape[0], str)
         if not batch_ok or tuple(spec.shape[1:]) != want:
-            problems.append(f"{spec.name!r} shape {list(spec.shape)}, expected ['batch', {', '.join(map(str, want))}]")
-        if spec.dtype != "float32":
-            problems.append(f"{spec.name!r} dtype {spec.dtype}, expected float32")
+            problems.append(f"{spec.name!r} shape {list(spec.shape)}, expected [{BATCH_AXIS!r}, {', '.join(map(str, want))}]")
+        if spec.dtype != IO_DTYPE:
+            problems.append(f"{spec.name!r} dtype {spec.dtype}, expected {IO_DTYPE}")
     if problems:
         raise BundleError(f"{where}: {role} {entry.path}: the manifest entry does not follow from image_size "
                           f"{image_size} and latent_dim {latent_dim}: " + "; ".join(problems))

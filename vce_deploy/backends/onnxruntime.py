@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import MODELS
 from ..errors import BackendError, BundleError
-from .base import MODELS, Backend, LatentStream, check_entry_io, compare_io, physical_cores
+from .base import Backend, LatentStream, check_entry_io, compare_io, physical_cores
 from . import cuda
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",

@@ -20,7 +20,8 @@ import numpy as np
 
 from ..errors import BackendError, EngineMismatchError
 from . import cuda
-from .base import MODELS, Backend, check_entry_io, compare_io
+from ..contract import MODELS
+from .base import Backend, check_entry_io, compare_io
 
 
 def _trt():
