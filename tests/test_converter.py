@@ -16,7 +16,7 @@ import pytest
 
 from vce_deploy import (BackendError, BundleError, Converter, EngineMismatchError, InputError, VCEError,
                         save_conversions)
-from vce_deploy.backends import LatentStream
+from vce_deploy.backends import HostLatentSampler
 from vce_deploy.backends import cuda as cuda_helpers
 from vce_deploy.backends import tensorrt as trt_backend
 from vce_deploy.backends.base import compare_io, physical_cores
@@ -53,13 +53,13 @@ def test_import_does_not_import_torch_or_onnxruntime():
 
 # -- noise and small pieces that need no bundle --------------------------------------------------
 
-def test_latent_stream_chunks_continue_one_sequence():
-    whole = LatentStream(7).draw(30, 56, 1.0)
-    stream = LatentStream(7)
-    parts = np.concatenate([stream.draw(10, 56, 1.0), stream.draw(20, 56, 1.0)])
+def test_latent_sampler_chunks_continue_one_sequence():
+    whole = HostLatentSampler(7).draw(30, 56, 1.0)
+    sampler = HostLatentSampler(7)
+    parts = np.concatenate([sampler.draw(10, 56, 1.0), sampler.draw(20, 56, 1.0)])
     assert np.array_equal(whole, parts)
-    assert not np.array_equal(whole, LatentStream(8).draw(30, 56, 1.0))
-    assert np.allclose(LatentStream(7).draw(30, 56, 0.5), 0.5 * whole)
+    assert not np.array_equal(whole, HostLatentSampler(8).draw(30, 56, 1.0))
+    assert np.allclose(HostLatentSampler(7).draw(30, 56, 0.5), 0.5 * whole)
 
 
 def test_physical_cores_is_a_positive_count():
@@ -220,7 +220,7 @@ def test_raw_array_methods_match_the_glyph_api(conv, glyphs):
     q = preprocess_batch(glyphs)
     mu, logvar = conv.run_encoder(q[[0, 1]], q[[2, 2]])
     assert np.array_equal(mu, conv.encode(glyphs[[0, 1]], glyphs[[2, 2]])[0])
-    z = LatentStream(0).draw(3, conv.latent_dim, 1.0)
+    z = HostLatentSampler(0).draw(3, conv.latent_dim, 1.0)
     y = conv.run_convertor(z, q)
     assert y.shape == (3, 1, 28, 28)
     assert np.array_equal(y[:, 0], conv.convert(glyphs, n=1, seed=0)[:, 0])  # n=1: sample i is z[i]
@@ -361,7 +361,7 @@ def test_tensorrt_engine_runs_and_matches_onnxruntime(bundle):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed")
     conv_trt = Converter.load(bundle, backend="tensorrt")  # needs engines built on this GPU
     reference = Converter.load(bundle, backend="onnxruntime", device="cpu")
-    z = LatentStream(0).draw(4, reference.latent_dim, 1.0)
+    z = HostLatentSampler(0).draw(4, reference.latent_dim, 1.0)
     q = (np.random.default_rng(0).random((4, 1, 28, 28)) < 0.2).astype(np.float32)
     assert np.max(np.abs(conv_trt.run_convertor(z, q) - reference.run_convertor(z, q))) <= 1e-3
 

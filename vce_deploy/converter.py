@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .backends import AUTO_ORDER, BACKENDS, Backend, BackendInfo, LatentStream
+from .backends import AUTO_ORDER, BACKENDS, Backend, BackendInfo, HostLatentSampler, LatentSampler
 from .bundle import Bundle
 from .contract import PRECISIONS
 from .errors import BundleError, InputError
@@ -226,8 +226,8 @@ class Converter:
         self._check_output("convert", 1, n)  # before opening any file: n alone may be too much
         conditions = preprocess_batch(images, "images")  # (B, 1, 28, 28)
         self._check_output("convert", conditions.shape[0], n)
-        stream = self._backend.latent_stream(seed)
-        return self._convert(conditions, n, stream, temperature)
+        sampler = self._backend.latent_sampler(seed)
+        return self._convert(conditions, n, sampler, temperature)
 
     def _check_output(self, method: str, glyphs: int, n: int) -> None:
         """Refuse a call whose one returned array would pass max_output_bytes."""
@@ -268,7 +268,7 @@ class Converter:
         return self._convert_chunks(items, n, seed, temperature, per_chunk, bar)
 
     def _convert_chunks(self, items, n, seed, temperature, per_chunk, bar) -> Iterator[np.ndarray]:
-        stream = self._backend.latent_stream(seed)
+        sampler = self._backend.latent_sampler(seed)
         start = 0
         try:
             while True:
@@ -279,12 +279,12 @@ class Converter:
                     return
                 conditions = preprocess_batch(chunk, f"images[{start}:{start + len(chunk)}]")
                 if n <= self._max_batch:
-                    yield self._convert(conditions, n, stream, temperature)
+                    yield self._convert(conditions, n, sampler, temperature)
                 else:  # one condition's samples do not fit one engine batch: slice them
                     for row in range(conditions.shape[0]):
                         for done in range(0, n, self._max_batch):
                             count = min(self._max_batch, n - done)
-                            yield self._convert(conditions[row:row + 1], count, stream, temperature)
+                            yield self._convert(conditions[row:row + 1], count, sampler, temperature)
                 start += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
@@ -292,9 +292,9 @@ class Converter:
             if bar is not None:
                 bar.close()
 
-    def _convert(self, conditions: np.ndarray, n: int, stream, temperature: float) -> np.ndarray:
+    def _convert(self, conditions: np.ndarray, n: int, sampler: LatentSampler, temperature: float) -> np.ndarray:
         batch, size = conditions.shape[0], self.image_size
-        y = self._backend.convert(conditions, n, stream, temperature, self._max_batch)  # (B * n, 1, S, S)
+        y = self._backend.convert(conditions, n, sampler, temperature, self._max_batch)  # (B * n, 1, S, S)
         return y.reshape(batch, n, size, size)
 
     def encode(self, x: Any, q: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -322,7 +322,7 @@ class Converter:
         mu, logvar = self._encode(examples, conditions)  # (P, D) each
         rows = np.arange(count * n) // n  # sample i belongs to target i // n
         rule = rows if pairs == count else np.zeros_like(rows)
-        eps = LatentStream(seed).draw(count * n, self.latent_dim, temperature)  # host: mu lives here
+        eps = HostLatentSampler(seed).draw(count * n, self.latent_dim, temperature)  # host: mu lives here
         z = mu[rule] + np.exp(0.5 * logvar[rule]) * eps  # (T * n, D)
         y = self._backend.run_chunked("convertor", {"z": z.astype(np.float32), "q": glyphs[rows]}, self._max_batch)["y"]
         return y.reshape(count, n, self.image_size, self.image_size)

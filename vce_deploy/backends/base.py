@@ -11,7 +11,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -36,12 +36,20 @@ class BackendInfo:
         return f"{self.name} on {self.device} at {self.precision} ({self.detail}); chosen because {self.reason}"
 
 
-class LatentStream:
-    """Standard-normal latents from one Philox stream on the host.
+class LatentSampler(Protocol):
+    """Where `Backend.convert` gets its latents: standard-normal draws on `device` that continue
+    one sequence, so a job cut into chunks (convert_iter, or any max_batch) receives exactly
+    the numbers one big draw would have produced. Host: HostLatentSampler; a GPU:
+    cuda.DeviceLatentSampler."""
 
-    Consecutive draws continue the stream, so a job cut into chunks (convert_iter, or any
-    max_batch) receives exactly the numbers one big draw would have produced.
-    """
+    device: str
+
+    def draw(self, count: int, latent_dim: int, temperature: float) -> Any:
+        """(count, latent_dim) float32 draws of N(0, temperature^2 I), an array on `device`."""
+
+
+class HostLatentSampler(LatentSampler):
+    """Standard-normal latents from one numpy Philox generator on the host."""
 
     device = "cpu"
 
@@ -51,6 +59,9 @@ class LatentStream:
     def draw(self, count: int, latent_dim: int, temperature: float) -> np.ndarray:
         eps = self._generator.standard_normal((count, latent_dim), dtype=np.float32)  # (count, D)
         return eps if temperature == 1.0 else eps * np.float32(temperature)
+
+
+LatentStream = HostLatentSampler  # the old name, kept for callers written before the rename
 
 
 def physical_cores() -> int:
@@ -76,7 +87,7 @@ def physical_cores() -> int:
 
 class Backend(ABC):
     """One bundle precision, loaded on one device. Subclasses set `name` and implement
-    `unavailable`, `__init__` and `run`; GPU backends also override `latent_stream` and
+    `unavailable`, `__init__` and `run`; GPU backends also override `latent_sampler` and
     `convert` to keep noise, inputs and outputs on the device."""
 
     name: ClassVar[str]
@@ -125,8 +136,8 @@ class Backend(ABC):
 
     # -- noise and the batched conversion: host versions, overridden on GPUs -----------------
 
-    def latent_stream(self, seed: int | None) -> LatentStream:
-        return LatentStream(seed)
+    def latent_sampler(self, seed: int | None) -> LatentSampler:
+        return HostLatentSampler(seed)
 
     def run_chunked(self, model: str, inputs: dict[str, np.ndarray], max_batch: int) -> dict[str, np.ndarray]:
         """`run` over batch slices of at most max_batch rows, outputs concatenated in order."""
@@ -138,7 +149,7 @@ class Backend(ABC):
             parts.append(self.run(model, {k: v[start:start + max_batch] for k, v in inputs.items()}))
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
-    def convert(self, conditions: np.ndarray, samples_per_condition: int, stream: LatentStream,
+    def convert(self, conditions: np.ndarray, samples_per_condition: int, sampler: LatentSampler,
                 temperature: float, max_batch: int) -> np.ndarray:
         """B conditions (B, 1, S, S) -> B * n Bernoulli means (B * n, 1, S, S), condition-major.
 
@@ -146,7 +157,7 @@ class Backend(ABC):
         gets do not depend on max_batch.
         """
         total = conditions.shape[0] * samples_per_condition
-        latents = stream.draw(total, self.latent_dim, temperature)  # (B * n, D)
+        latents = sampler.draw(total, self.latent_dim, temperature)  # (B * n, D)
         out = np.empty((total, 1, self.image_size, self.image_size), np.float32)
         for start in range(0, total, max_batch):
             stop = min(start + max_batch, total)
