@@ -67,15 +67,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .converter import Converter, save_conversions
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    conv = Converter.load(args.bundle, backend=args.backend, precision=args.precision, device=args.device,
+    converter = Converter.load(args.bundle, backend=args.backend, precision=args.precision, device=args.device,
                           max_batch=args.max_batch, threads=args.threads)
     start = time.perf_counter()
-    samples = conv.convert(args.images, args.n, seed=seed, temperature=args.temperature)
+    samples = converter.convert(args.images, args.n, seed=seed, temperature=args.temperature)
     seconds = time.perf_counter() - start
     path = save_conversions(args.output, samples, None if args.no_condition else args.images)
     print(f"wrote {path}: {samples.shape[0]} glyphs x {args.n} variations, seed {seed}, "
-          f"{conv.backend_info.name} on {conv.backend_info.device} at {conv.precision}, convert {seconds * 1000:.1f} ms")
-    conv.close()
+          f"{converter.backend_info.name} on {converter.backend_info.device} at {converter.precision}, convert {seconds * 1000:.1f} ms")
+    converter.close()
     return 0
 
 

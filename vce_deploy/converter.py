@@ -1,9 +1,9 @@
-"""`Converter`: the runtime applications embed (DESIGN.md "Runtime API").
+"""`Converter`: the runtime applications embed (docs/design.md "Runtime API").
 
-    conv = Converter.load("bundle/")               # verified bundle, best backend here
-    y = conv.convert(images, n=16, seed=0)         # (B, 16, 28, 28) float32 Bernoulli means
-    mu, logvar = conv.encode(x, q)                 # the rules that turn q into x
-    y = conv.transfer(x, q, targets, n=4, seed=0)  # those rules applied to other glyphs
+    converter = Converter.load("bundle/")               # verified bundle, best backend here
+    y = converter.convert(images, n=16, seed=0)         # (B, 16, 28, 28) float32 Bernoulli means
+    mu, logvar = converter.encode(x, q)                 # the rules that turn q into x
+    y = converter.transfer(x, q, targets, n=4, seed=0)  # those rules applied to other glyphs
 
 The backend is chosen once in `load`; every method after that goes through the same
 `Backend` interface. A Converter keeps no per-call state, so one instance is safe to share
@@ -30,7 +30,7 @@ from .preprocess import IMAGE_SIZE, preprocess_batch
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 # convert() and transfer() return one array; past this many bytes they refuse and point to
-# convert_iter, which holds at most max_batch samples at a time. Per instance: conv.max_output_bytes.
+# convert_iter, which holds at most max_batch samples at a time. Per instance: converter.max_output_bytes.
 MAX_OUTPUT_BYTES = 1 << 30
 # Latents are N(0, temperature^2 I) in float32: far past any useful temperature (1 samples the
 # prior), and far below where float32 overflows inside the convolutions (~1e37 gives NaN).
@@ -238,7 +238,7 @@ class Converter:
                 f"n: expected {method}() to fit in max_output_bytes = {self.max_output_bytes} bytes, got {glyphs} "
                 f"glyphs x n = {n} samples = {need} bytes of float32 output and latents; stream it with "
                 f"convert_iter(images, n, seed), which holds at most max_batch = {self._max_batch} samples at a "
-                f"time (or raise conv.max_output_bytes)")
+                f"time (or raise converter.max_output_bytes)")
 
     def convert_iter(self, images: Any, n: int, seed: int | None = None, temperature: float = 1.0,
                      conditions_per_chunk: int | None = None, progress: bool = False) -> Iterator[np.ndarray]:
