@@ -41,6 +41,20 @@ def test_bundle_parity_at_batch_1_and_257(smoke_bundle, test_images):
     assert all(r.max_abs <= 1e-4 for r in rows), [(r.output, r.batch, r.max_abs) for r in rows]
 
 
+def test_a_precision_that_must_run_fails_when_no_backend_runs_it(smoke_bundle, test_images):
+    """No TensorRT here: fp16 (may go unrun) is "not run here", fp32 (must run) is a mismatch."""
+    from vce_deploy.verify import ParityError, check_parity
+
+    report = check_parity(smoke_bundle, test_images, batches=(2,), backends=("tensorrt",), precisions=("fp32", "fp16"))
+    by_precision = {check.precision: check for check in report.checks}
+    assert not by_precision["fp32"].ran and not by_precision["fp16"].ran
+    assert "no TensorRT encoder engine" in by_precision["fp32"].ran_by
+    assert [m.kind for m in by_precision["fp32"].mismatches] == ["load"] and by_precision["fp16"].ok
+    assert "not run here" in by_precision["fp16"].summary()
+    with pytest.raises(ParityError, match="no backend ran it here, and fp32 must run"):
+        report.raise_if_failed()
+
+
 def test_manifest_lists_every_file_and_the_measurements(smoke_bundle):
     from safetensors import safe_open
 
