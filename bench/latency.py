@@ -200,7 +200,7 @@ def _runtime_peer(peer_id: str, backend: str, precision: str, device: str | None
     def build(ctx: Context) -> Peer:
         conv = Converter.load(ctx.bundle, backend=backend, precision=precision, device=device,
                               max_batch=ctx.max_batch, threads=ctx.threads)
-        engine = conv.engine  # its run() is the bare engine call
+        engine = conv.backend  # its run() is the bare engine call
 
         def bare(z: np.ndarray, q: np.ndarray) -> np.ndarray:
             return engine.run("convertor", {"z": z, "q": q})["y"]
@@ -208,8 +208,8 @@ def _runtime_peer(peer_id: str, backend: str, precision: str, device: str | None
         def end_to_end(image: Any, n: int) -> np.ndarray:
             return conv.convert(image, n=n, seed=SEED)
 
-        return Peer(peer_id, label, precision, conv.backend.device, "torch" if backend == "torch" else "runtime",
-                    bare, end_to_end, conv.backend.detail, close=conv.close)
+        return Peer(peer_id, label, precision, conv.backend_info.device, "torch" if backend == "torch" else "runtime",
+                    bare, end_to_end, conv.backend_info.detail, close=conv.close)
 
     return build
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vce_deploy.contract import PRECISIONS
 from vce_deploy.errors import VCEError
+from vce_deploy.verify import DEFAULT_BATCHES, ParityError
 
 from . import NLL_K, NLL_SUBSET, export_bundle
 from .onnx_export import DEFAULT_OPSET, ExportError
-from .parity import DEFAULT_BATCHES, ParityError
 
 
 def _positive(text: str) -> int:
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
                                                  "report, NLL per precision, manifest with sha256 of every file.")
     parser.add_argument("checkpoint", help="checkpoint .safetensors (its .json sidecar next to it)")
     parser.add_argument("--out", required=True, help="bundle directory (replaced whole, only on success)")
-    parser.add_argument("--precision", nargs="+", default=["fp32", "fp16", "int8"], choices=("fp32", "fp16", "int8"))
+    parser.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     parser.add_argument("--opset", type=_positive, default=DEFAULT_OPSET,
                         help=f"ONNX opset (default {DEFAULT_OPSET}, the dynamo exporter's own)")
     parser.add_argument("--batches", type=_positive, nargs="+", default=list(DEFAULT_BATCHES), help="parity batch sizes")

@@ -18,15 +18,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-BATCH = "batch"
+from vce_deploy.contract import BATCH_AXIS, MODEL_IO, batched_shapes
+
 # The dynamo exporter emits opset 18 natively; asking it for 17 runs onnx's version converter,
 # which fails on ReduceMean (axes input -> attribute) and silently falls back to 18.
 DEFAULT_OPSET = 18
-# role -> (input names, output names): the contract vce_deploy/backends/base.py relies on
-IO_NAMES = {
-    "encoder": (("x", "q"), ("mu", "logvar")),
-    "convertor": (("z", "q"), ("y",)),
-}
 # Simplification must not move any output by more than this (fp32 reassociation noise).
 SLIM_TOLERANCE = 1e-6
 
@@ -44,20 +40,13 @@ class OnnxInfo:
     slim_note: str  # why not, or what it removed
 
 
-def io_shapes(role: str, image_size: int, latent_dim: int) -> dict[str, tuple]:
-    """Every tensor of `role`'s interface -> its shape, batch first."""
-    image = (BATCH, 1, image_size, image_size)
-    latent = (BATCH, latent_dim)
-    return {"x": image, "q": image, "z": latent, "mu": latent, "logvar": latent, "y": image}
-
-
 def example_inputs(role: str, image_size: int, latent_dim: int, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Random float32 inputs for `role` at `batch` (for tracing and graph-to-graph checks only;
-    parity against PyTorch uses real images, see export/parity.py)."""
+    parity against PyTorch uses real images, see vce_deploy/verify.py)."""
     rng = np.random.default_rng(seed)
-    shapes = io_shapes(role, image_size, latent_dim)
+    shapes = batched_shapes(role, image_size, latent_dim)
     out = {}
-    for name in IO_NAMES[role][0]:
+    for name in MODEL_IO[role].inputs:
         shape = (batch, *shapes[name][1:])
         out[name] = (rng.random(shape) < 0.2).astype(np.float32) if len(shape) == 4 else \
             rng.standard_normal(shape).astype(np.float32)
@@ -79,8 +68,8 @@ def check_graph(model: onnx.ModelProto, role: str, image_size: int, latent_dim: 
     got_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if got_opset != opset:
         problems.append(f"opset: expected {opset}, got {got_opset}")
-    want_in, want_out = IO_NAMES[role]
-    shapes = io_shapes(role, image_size, latent_dim)
+    want_in, want_out = MODEL_IO[role].inputs, MODEL_IO[role].outputs
+    shapes = batched_shapes(role, image_size, latent_dim)
     for kind, want, have in (("inputs", want_in, inferred.graph.input), ("outputs", want_out, inferred.graph.output)):
         names = tuple(v.name for v in have)
         if names != want:
@@ -95,9 +84,9 @@ def check_graph(model: onnx.ModelProto, role: str, image_size: int, latent_dim: 
     # no data-dependent or extra symbolic dimension may hide inside the graph (TensorRT needs
     # every shape to follow from the batch alone)
     for value in inferred.graph.value_info:
-        odd = [d for d in _dims(value) if not (isinstance(d, int) and d > 0) and d != BATCH]
+        odd = [d for d in _dims(value) if not (isinstance(d, int) and d > 0) and d != BATCH_AXIS]
         if odd:
-            problems.append(f"intermediate {value.name}: expected static dims or {BATCH!r}, got {list(_dims(value))}")
+            problems.append(f"intermediate {value.name}: expected static dims or {BATCH_AXIS!r}, got {list(_dims(value))}")
     if problems:
         raise ExportError(f"{role} ONNX graph breaks the bundle contract:\n  " + "\n  ".join(problems))
     return inferred
@@ -126,7 +115,7 @@ def _slim(model: onnx.ModelProto, role: str, image_size: int, latent_dim: int, o
         return model, False, f"onnxslim failed or broke the contract: {err}"
     for batch in (1, 7):
         inputs = example_inputs(role, image_size, latent_dim, batch, seed=batch)
-        for name, a, b in zip(IO_NAMES[role][1], _ort_outputs(model, inputs), _ort_outputs(slim, inputs)):
+        for name, a, b in zip(MODEL_IO[role].outputs, _ort_outputs(model, inputs), _ort_outputs(slim, inputs)):
             diff = float(np.max(np.abs(a - b)))
             if a.shape != b.shape or not diff <= SLIM_TOLERANCE:
                 return model, False, (f"onnxslim changed {name} at batch {batch} (max abs diff {diff:.2e}, "
@@ -140,15 +129,15 @@ def export_onnx(module, role: str, image_size: int, latent_dim: int, path: Path,
     """Export `module` (Encoder or Convertor, eval mode) to `path` as one self-contained file."""
     import torch
 
-    if role not in IO_NAMES:
-        raise ValueError(f"role: expected one of {sorted(IO_NAMES)}, got {role!r}")
+    if role not in MODEL_IO:
+        raise ValueError(f"role: expected one of {sorted(MODEL_IO)}, got {role!r}")
     if opset < DEFAULT_OPSET:
         raise ValueError(f"opset: expected >= {DEFAULT_OPSET} (the dynamo exporter's lowest that converts this "
                          f"model; 17 fails in onnx's version converter on ReduceMean), got {opset}")
-    input_names, output_names = IO_NAMES[role]
+    input_names, output_names = MODEL_IO[role].inputs, MODEL_IO[role].outputs
     # batch 3 when tracing, so the exporter cannot specialise the batch to 0 or 1
     example = {k: torch.from_numpy(v) for k, v in example_inputs(role, image_size, latent_dim, 3).items()}
-    batch = torch.export.Dim(BATCH, min=1, max=1 << 20)
+    batch = torch.export.Dim(BATCH_AXIS, min=1, max=1 << 20)
     dynamic_shapes = {name: {0: batch} for name in input_names}
     module = module.eval()
     # torch.onnx logs one warning per torchvision op it cannot register; none is used here

@@ -62,6 +62,28 @@ def to_fp16(src: Path, dst: Path, role: str, image_size: int, latent_dim: int, o
     return model
 
 
+def fp16_cast_note(path: Path) -> str:
+    """Which ops of an fp16 graph ONNX Runtime's CPU provider actually ran in float32: it wraps
+    nodes that lack a float16 CPU kernel in inserted Casts (InsertCastTransformer)."""
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="vce-fp16-") as scratch:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.optimized_model_filepath = str(Path(scratch) / "as_run.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        as_run = onnx.load(options.optimized_model_filepath)
+    written = {n.name for n in onnx.load(str(path)).graph.node}
+    inserted = {n.output[0] for n in as_run.graph.node if n.op_type == "Cast" and n.name not in written
+                and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)}
+    in_fp32 = sorted({n.op_type for n in as_run.graph.node if n.op_type != "Cast" and set(n.input) & inserted})
+    if not in_fp32:
+        return "every fp16 node ran with a float16 CPU kernel"
+    return (f"ONNX Runtime's CPU provider has no float16 kernel for {in_fp32} here and ran them in float32 "
+            "between inserted Casts: this checks the fp16 weights and graph, not fp16 arithmetic as a GPU runs it")
+
+
 class _Reader:
     """onnxruntime.quantization's CalibrationDataReader protocol over prepared feeds."""
 

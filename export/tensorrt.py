@@ -23,12 +23,13 @@ import shutil
 import sys
 from pathlib import Path
 
-from vce_deploy.bundle import Bundle, EngineInfo, FileEntry, atomic_directory, file_entry, write_manifest
+from vce_deploy.bundle import Bundle, EngineInfo, FileEntry, file_entry, write_manifest
+from vce_deploy.bundle_swap import atomic_directory
+from vce_deploy.contract import MODELS, PRECISIONS
 from vce_deploy.errors import VCEError
 from vce_deploy.fsio import atomic_write_bytes
 
 EXIT_UNAVAILABLE = 2  # no tensorrt or no GPU: nothing was attempted
-ROLES = ("encoder", "convertor")
 DEFAULT_WORKSPACE_MIB = 1024
 
 
@@ -142,7 +143,7 @@ def build_engines(bundle_path, precision: str, min_batch: int, opt_batch: int, m
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"batch profile: expected 1 <= min <= opt <= max, got {min_batch}, {opt_batch}, {max_batch}")
     bundle = Bundle.load(bundle_path, verify=True)
-    entries = {role: bundle.model_entry(role, precision, "onnx") for role in ROLES}
+    entries = {role: bundle.model_entry(role, precision, "onnx") for role in MODELS}
     timing_cache = Path(timing_cache) if timing_cache else default_timing_cache()
     for entry in entries.values():
         log("equivalent: " + trtexec_command(bundle.path, entry, precision, min_batch, opt_batch, max_batch,
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export.tensorrt",
                                      description="Build TensorRT engines from one precision of a bundle (needs a GPU).")
     parser.add_argument("bundle", help="bundle directory made by `python -m export`")
-    parser.add_argument("--precision", required=True, choices=("fp32", "fp16", "int8"))
+    parser.add_argument("--precision", required=True, choices=PRECISIONS)
     parser.add_argument("--min-batch", type=int, default=1)
     parser.add_argument("--opt-batch", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=256)

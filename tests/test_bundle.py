@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vce_deploy.bundle import Bundle, atomic_directory, resolve_inside, sha256_file, write_raw_manifest
+from vce_deploy.bundle import Bundle, resolve_inside, sha256_file, write_raw_manifest
+from vce_deploy.bundle_swap import atomic_directory
 from vce_deploy.errors import BundleError
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from vce_deploy import (BackendError, BundleError, Converter, EngineMismatchError, InputError, VCEError,
                         save_conversions)
-from vce_deploy.backends import LatentStream
+from vce_deploy.backends import HostLatentSampler
 from vce_deploy.backends import cuda as cuda_helpers
 from vce_deploy.backends import tensorrt as trt_backend
 from vce_deploy.backends.base import compare_io, physical_cores
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def conv(bundle) -> Converter:
+def converter(bundle) -> Converter:
     return Converter.load(bundle, backend="onnxruntime", device="cpu")
 
 
@@ -53,13 +53,13 @@ def test_import_does_not_import_torch_or_onnxruntime():
 
 # -- noise and small pieces that need no bundle --------------------------------------------------
 
-def test_latent_stream_chunks_continue_one_sequence():
-    whole = LatentStream(7).draw(30, 56, 1.0)
-    stream = LatentStream(7)
-    parts = np.concatenate([stream.draw(10, 56, 1.0), stream.draw(20, 56, 1.0)])
+def test_latent_sampler_chunks_continue_one_sequence():
+    whole = HostLatentSampler(7).draw(30, 56, 1.0)
+    sampler = HostLatentSampler(7)
+    parts = np.concatenate([sampler.draw(10, 56, 1.0), sampler.draw(20, 56, 1.0)])
     assert np.array_equal(whole, parts)
-    assert not np.array_equal(whole, LatentStream(8).draw(30, 56, 1.0))
-    assert np.allclose(LatentStream(7).draw(30, 56, 0.5), 0.5 * whole)
+    assert not np.array_equal(whole, HostLatentSampler(8).draw(30, 56, 1.0))
+    assert np.allclose(HostLatentSampler(7).draw(30, 56, 0.5), 0.5 * whole)
 
 
 def test_physical_cores_is_a_positive_count():
@@ -85,8 +85,8 @@ def test_compare_io_lists_every_mismatch():
 # -- loading and the choice of backend ---------------------------------------------------------
 
 def test_auto_here_is_onnxruntime_on_cpu_and_says_why(bundle):
-    conv = Converter.load(bundle)
-    info = conv.backend
+    converter = Converter.load(bundle)
+    info = converter.backend_info
     assert (info.name, info.device, info.precision) == ("onnxruntime", "cpu", "fp32")
     assert "tensorrt skipped" in info.reason  # no engine, no TensorRT, no GPU here
     assert "CPUExecutionProvider" in info.detail
@@ -148,36 +148,36 @@ def test_torch_backend_refuses_other_precisions(bundle):
 
 # -- the glyph API -------------------------------------------------------------------------------
 
-def test_convert_shape_range_and_seed(conv, glyphs):
-    y = conv.convert(glyphs, n=5, seed=0)
+def test_convert_shape_range_and_seed(converter, glyphs):
+    y = converter.convert(glyphs, n=5, seed=0)
     assert y.shape == (3, 5, 28, 28) and y.dtype == np.float32
     assert 0.0 <= y.min() and y.max() <= 1.0
-    assert np.array_equal(y, conv.convert(glyphs, n=5, seed=0))  # same seed: identical
-    assert not np.allclose(y, conv.convert(glyphs, n=5, seed=1))  # another seed: different
+    assert np.array_equal(y, converter.convert(glyphs, n=5, seed=0))  # same seed: identical
+    assert not np.allclose(y, converter.convert(glyphs, n=5, seed=1))  # another seed: different
     assert not np.allclose(y[:, 0], y[:, 1])  # samples of one condition differ from each other
 
 
-def test_convert_accepts_every_documented_image_form(conv, glyphs, tmp_path):
+def test_convert_accepts_every_documented_image_form(converter, glyphs, tmp_path):
     from PIL import Image
 
-    expected = conv.convert(glyphs, n=2, seed=3)
+    expected = converter.convert(glyphs, n=2, seed=3)
     paths = []
     for i, image in enumerate(glyphs):
         paths.append(tmp_path / f"g{i}.png")
         Image.fromarray(image).save(paths[-1])
-    assert np.array_equal(conv.convert(paths, n=2, seed=3), expected)
-    assert np.array_equal(conv.convert([str(p) for p in paths], n=2, seed=3), expected)
-    assert np.array_equal(conv.convert([Image.fromarray(g) for g in glyphs], n=2, seed=3), expected)
-    assert np.array_equal(conv.convert(glyphs[:, None], n=2, seed=3), expected)
-    assert np.array_equal(conv.convert(255 - glyphs, n=2, seed=3), expected)  # dark background too
-    assert np.array_equal(conv.convert(glyphs[0], n=2, seed=3), expected[:1])
+    assert np.array_equal(converter.convert(paths, n=2, seed=3), expected)
+    assert np.array_equal(converter.convert([str(p) for p in paths], n=2, seed=3), expected)
+    assert np.array_equal(converter.convert([Image.fromarray(g) for g in glyphs], n=2, seed=3), expected)
+    assert np.array_equal(converter.convert(glyphs[:, None], n=2, seed=3), expected)
+    assert np.array_equal(converter.convert(255 - glyphs, n=2, seed=3), expected)  # dark background too
+    assert np.array_equal(converter.convert(glyphs[0], n=2, seed=3), expected[:1])
 
 
-def test_onnxruntime_fp32_matches_torch_reference(bundle, conv, glyphs):
+def test_onnxruntime_fp32_matches_torch_reference(bundle, converter, glyphs):
     reference = Converter.load(bundle, backend="torch", device="cpu")
-    y_ort, y_torch = conv.convert(glyphs, n=6, seed=11), reference.convert(glyphs, n=6, seed=11)
+    y_ort, y_torch = converter.convert(glyphs, n=6, seed=11), reference.convert(glyphs, n=6, seed=11)
     assert np.max(np.abs(y_ort - y_torch)) <= 1e-4
-    mu_ort, logvar_ort = conv.encode(glyphs[[0, 1]], glyphs[[2, 2]])
+    mu_ort, logvar_ort = converter.encode(glyphs[[0, 1]], glyphs[[2, 2]])
     mu_torch, logvar_torch = reference.encode(glyphs[[0, 1]], glyphs[[2, 2]])
     assert np.max(np.abs(mu_ort - mu_torch)) <= 1e-4
     assert np.max(np.abs(logvar_ort - logvar_torch)) <= 1e-4
@@ -191,49 +191,49 @@ def test_max_batch_does_not_change_results(bundle, glyphs):
                           big.transfer(glyphs[0], glyphs[1], glyphs, n=3, seed=2))
 
 
-def test_convert_iter_streams_the_same_numbers_as_convert(conv, glyphs):
+def test_convert_iter_streams_the_same_numbers_as_convert(converter, glyphs):
     many = np.concatenate([glyphs] * 3)  # 9 conditions
-    chunks = list(conv.convert_iter(many, n=4, seed=9, conditions_per_chunk=4))
+    chunks = list(converter.convert_iter(many, n=4, seed=9, conditions_per_chunk=4))
     assert [c.shape[0] for c in chunks] == [4, 4, 1]
-    assert np.array_equal(np.concatenate(chunks), conv.convert(many, n=4, seed=9))
+    assert np.array_equal(np.concatenate(chunks), converter.convert(many, n=4, seed=9))
     generator = (g for g in many)  # no len(): still streams
-    assert np.array_equal(np.concatenate(list(conv.convert_iter(generator, n=4, seed=9))),
-                          conv.convert(many, n=4, seed=9))
+    assert np.array_equal(np.concatenate(list(converter.convert_iter(generator, n=4, seed=9))),
+                          converter.convert(many, n=4, seed=9))
 
 
-def test_encode_and_transfer(conv, glyphs):
-    mu, logvar = conv.encode(glyphs[0], glyphs[1])
-    assert mu.shape == logvar.shape == (1, conv.latent_dim)
-    y = conv.transfer(glyphs[0], glyphs[1], glyphs, n=2, seed=4)
+def test_encode_and_transfer(converter, glyphs):
+    mu, logvar = converter.encode(glyphs[0], glyphs[1])
+    assert mu.shape == logvar.shape == (1, converter.latent_dim)
+    y = converter.transfer(glyphs[0], glyphs[1], glyphs, n=2, seed=4)
     assert y.shape == (3, 2, 28, 28)
-    pairwise = conv.transfer(glyphs, glyphs[[1, 2, 0]], glyphs, n=2, seed=4)
+    pairwise = converter.transfer(glyphs, glyphs[[1, 2, 0]], glyphs, n=2, seed=4)
     assert pairwise.shape == (3, 2, 28, 28) and not np.allclose(pairwise, y)
     with pytest.raises(InputError, match="one \\(x, q\\) pair or one per target \\(3\\), got 2 pairs"):
-        conv.transfer(glyphs[:2], glyphs[:2], glyphs)
+        converter.transfer(glyphs[:2], glyphs[:2], glyphs)
     with pytest.raises(InputError, match="same number of glyphs .* got 2 and 3"):
-        conv.encode(glyphs[:2], glyphs)
+        converter.encode(glyphs[:2], glyphs)
 
 
-def test_raw_array_methods_match_the_glyph_api(conv, glyphs):
+def test_raw_array_methods_match_the_glyph_api(converter, glyphs):
     from vce_deploy import preprocess_batch
 
     q = preprocess_batch(glyphs)
-    mu, logvar = conv.run_encoder(q[[0, 1]], q[[2, 2]])
-    assert np.array_equal(mu, conv.encode(glyphs[[0, 1]], glyphs[[2, 2]])[0])
-    z = LatentStream(0).draw(3, conv.latent_dim, 1.0)
-    y = conv.run_convertor(z, q)
+    mu, logvar = converter.run_encoder(q[[0, 1]], q[[2, 2]])
+    assert np.array_equal(mu, converter.encode(glyphs[[0, 1]], glyphs[[2, 2]])[0])
+    z = HostLatentSampler(0).draw(3, converter.latent_dim, 1.0)
+    y = converter.run_convertor(z, q)
     assert y.shape == (3, 1, 28, 28)
-    assert np.array_equal(y[:, 0], conv.convert(glyphs, n=1, seed=0)[:, 0])  # n=1: sample i is z[i]
+    assert np.array_equal(y[:, 0], converter.convert(glyphs, n=1, seed=0)[:, 0])  # n=1: sample i is z[i]
 
 
-def test_threads_share_one_converter_and_get_the_serial_results(conv, glyphs):
+def test_threads_share_one_converter_and_get_the_serial_results(converter, glyphs):
     def call(i: int):
         kind = i % 3
         if kind == 0:
-            return conv.convert(glyphs[i % 3], n=1 + i % 4, seed=i)
+            return converter.convert(glyphs[i % 3], n=1 + i % 4, seed=i)
         if kind == 1:
-            return conv.encode(glyphs[i % 3], glyphs[(i + 1) % 3])[0]
-        return conv.transfer(glyphs[0], glyphs[1], glyphs[: 1 + i % 3], n=2, seed=i)
+            return converter.encode(glyphs[i % 3], glyphs[(i + 1) % 3])[0]
+        return converter.transfer(glyphs[0], glyphs[1], glyphs[: 1 + i % 3], n=2, seed=i)
 
     jobs = list(range(50)) * 8
     serial = [call(i) for i in range(50)]
@@ -243,10 +243,10 @@ def test_threads_share_one_converter_and_get_the_serial_results(conv, glyphs):
         assert np.array_equal(result, serial[index % 50]), f"call {index % 50} differs under threads"
 
 
-def test_save_conversions_writes_a_grid(conv, glyphs, tmp_path):
+def test_save_conversions_writes_a_grid(converter, glyphs, tmp_path):
     from PIL import Image
 
-    y = conv.convert(glyphs, n=4, seed=0)
+    y = converter.convert(glyphs, n=4, seed=0)
     path = save_conversions(tmp_path / "out" / "grid.png", y, conditions=glyphs, scale=1)
     with Image.open(path) as image:
         assert image.size == (5 * 30 + 2, 3 * 30 + 2)  # 1 + n columns, B rows, 28 px + 2 px padding
@@ -293,17 +293,17 @@ def _bad_calls(glyphs, tmp_path):
     ]
 
 
-def test_every_bad_input_gets_a_clear_error_and_the_converter_keeps_working(conv, glyphs, tmp_path):
-    before = conv.convert(glyphs, n=2, seed=1)
+def test_every_bad_input_gets_a_clear_error_and_the_converter_keeps_working(converter, glyphs, tmp_path):
+    before = converter.convert(glyphs, n=2, seed=1)
     for label, call, expected in _bad_calls(glyphs, tmp_path):
         with pytest.raises(VCEError) as err:
-            result = call(conv)
+            result = call(converter)
             if hasattr(result, "__next__"):
                 next(result)
         assert isinstance(err.value, InputError), label
         assert expected in str(err.value), f"{label}: {err.value}"
         assert "expected" in str(err.value), label
-        assert np.array_equal(conv.convert(glyphs, n=2, seed=1), before), f"converter changed after {label}"
+        assert np.array_equal(converter.convert(glyphs, n=2, seed=1), before), f"converter changed after {label}"
 
 
 # -- TensorRT: the manifest check runs anywhere; running an engine needs a GPU ------------------
@@ -341,7 +341,7 @@ def test_engine_for_another_gpu_names_the_rebuild_command(bundle, tmp_path, monk
     assert "this is TensorRT 10.8.0 on NVIDIA L4 (compute capability 8.9)" in message
     assert f"python -m export.tensorrt {copy} --precision fp32 --min-batch 1 --opt-batch 64 --max-batch 256" in message
     auto = Converter.load(copy)  # auto moves on to ONNX Runtime and says why
-    assert auto.backend.name == "onnxruntime" and "built for TensorRT 10.3.0" in auto.backend.reason
+    assert auto.backend_info.name == "onnxruntime" and "built for TensorRT 10.3.0" in auto.backend_info.reason
 
 
 def test_tensorrt_without_tensorrt_is_a_clear_error(bundle, tmp_path):
@@ -361,7 +361,7 @@ def test_tensorrt_engine_runs_and_matches_onnxruntime(bundle):
     pytest.importorskip("tensorrt", reason="TensorRT is not installed")
     conv_trt = Converter.load(bundle, backend="tensorrt")  # needs engines built on this GPU
     reference = Converter.load(bundle, backend="onnxruntime", device="cpu")
-    z = LatentStream(0).draw(4, reference.latent_dim, 1.0)
+    z = HostLatentSampler(0).draw(4, reference.latent_dim, 1.0)
     q = (np.random.default_rng(0).random((4, 1, 28, 28)) < 0.2).astype(np.float32)
     assert np.max(np.abs(conv_trt.run_convertor(z, q) - reference.run_convertor(z, q))) <= 1e-3
 

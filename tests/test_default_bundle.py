@@ -39,10 +39,10 @@ def test_conversions_look_like_their_condition(precision):
     """For 16 test characters (never trained on), the samples' BCE against their own condition
     over the median BCE against the other 15 conditions. Measured on the shipped model (fp32):
     mean ratio 0.37, 15 of 16 below 0.5; a model that ignores its condition sits near 1."""
-    conv = Converter.load(backend="onnxruntime", precision=precision)
+    converter = Converter.load(backend="onnxruntime", precision=precision)
     test = load_split("small", "test")
     characters = list(range(0, len(test), 7))  # spread over the three test alphabets
-    samples = conv.convert(test.images[characters, 0], n=16, seed=0)  # (16, 16, 28, 28)
+    samples = converter.convert(test.images[characters, 0], n=16, seed=0)  # (16, 16, 28, 28)
     ratios = []
     for row, c in enumerate(characters):
         own = mean_bce(samples[row], test.images[c, 0])

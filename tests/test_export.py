@@ -29,18 +29,30 @@ def test_images():
 
 
 def test_bundle_parity_at_batch_1_and_257(smoke_bundle, test_images):
-    from vce_deploy.checkpoint import load_model
+    from vce_deploy.verify import check_parity
 
-    from export.parity import TorchReference, run_parity
-
-    bundle = Bundle.load(smoke_bundle)
-    vce, _ = load_model(bundle.checkpoint)  # the bundle's own weights-only checkpoint is the reference
-    files = {"fp32": (bundle.file("encoder.onnx"), bundle.file("convertor.onnx"))}
-    report, _ = run_parity(TorchReference(vce), files, test_images, 28, 56, batches=(1, 257))
+    # the reference is the torch backend on the bundle's own weights-only checkpoint
+    report = check_parity(smoke_bundle, test_images, batches=(1, 257), backends=("onnxruntime",), precisions=("fp32",))
     report.raise_if_failed()
-    rows = report.precisions["fp32"].rows
+    [check] = report.checks
+    assert (check.backend, check.precision, check.ran) == ("onnxruntime", "fp32", True)
+    rows = check.rows
     assert {(r.output, r.batch) for r in rows} == {(o, b) for o in ("mu", "logvar", "y") for b in (1, 257)}
     assert all(r.max_abs <= 1e-4 for r in rows), [(r.output, r.batch, r.max_abs) for r in rows]
+
+
+def test_a_precision_that_must_run_fails_when_no_backend_runs_it(smoke_bundle, test_images):
+    """No TensorRT here: fp16 (may go unrun) is "not run here", fp32 (must run) is a mismatch."""
+    from vce_deploy.verify import ParityError, check_parity
+
+    report = check_parity(smoke_bundle, test_images, batches=(2,), backends=("tensorrt",), precisions=("fp32", "fp16"))
+    by_precision = {check.precision: check for check in report.checks}
+    assert not by_precision["fp32"].ran and not by_precision["fp16"].ran
+    assert "no TensorRT encoder engine" in by_precision["fp32"].ran_by
+    assert [m.kind for m in by_precision["fp32"].mismatches] == ["load"] and by_precision["fp16"].ok
+    assert "not run here" in by_precision["fp16"].summary()
+    with pytest.raises(ParityError, match="no backend ran it here, and fp32 must run"):
+        report.raise_if_failed()
 
 
 def test_manifest_lists_every_file_and_the_measurements(smoke_bundle):
@@ -60,25 +72,23 @@ def test_manifest_lists_every_file_and_the_measurements(smoke_bundle):
     assert m.exporter["opset"] == 18 and m.latent_dim == 56
     for precision in ("fp32", "int8"):
         assert np.isfinite(m.metrics["nll"][precision]["nll_mean"])
-        assert m.metrics["parity"][precision]["ok"] is True
+        assert m.metrics["parity"]["onnxruntime"][precision]["ok"] is True
     assert "cost_vs_fp32" in m.metrics["nll"]["int8"]
 
 
 def test_int8_stays_close_to_fp32_on_real_images(smoke_bundle, test_images):
-    from export.parity import OnnxModel, parity_cases
+    from vce_deploy import Converter
+    from vce_deploy.verify import parity_inputs, run_models
 
-    bundle = Bundle.load(smoke_bundle)
-    fp32 = OnnxModel(bundle.file("encoder.onnx"), bundle.file("convertor.onnx"))
-    int8 = OnnxModel(bundle.file("encoder.int8.onnx"), bundle.file("convertor.int8.onnx"))
-    case = parity_cases(test_images, (128,), 56, seed=3)[128]
-    for role in ("encoder", "convertor"):
-        want, got = fp32.run(role, case[role]), int8.run(role, case[role])
-        for name in want:
-            err = np.abs(got[name] - want[name])
-            scale = float(np.abs(want[name]).max())
-            # int8 steps are 1/127 of a range; a few steps of drift is fine, a broken scale is not
-            assert err.mean() <= 0.01 * max(scale, 1.0), (role, name, err.mean(), scale)
-            assert err.max() <= 0.1 * max(scale, 1.0), (role, name, err.max(), scale)
+    case = parity_inputs(test_images, (128,), 56, seed=3)[128]
+    want, got = (run_models(Converter.load(smoke_bundle, backend="onnxruntime", precision=p), case)
+                 for p in ("fp32", "int8"))
+    for name in want:
+        err = np.abs(got[name] - want[name])
+        scale = float(np.abs(want[name]).max())
+        # int8 steps are 1/127 of a range; a few steps of drift is fine, a broken scale is not
+        assert err.mean() <= 0.01 * max(scale, 1.0), (name, err.mean(), scale)
+        assert err.max() <= 0.1 * max(scale, 1.0), (name, err.max(), scale)
 
 
 def test_int8_is_symmetric_per_channel_qdq(smoke_bundle):
@@ -106,19 +116,22 @@ def test_fp16_has_half_weights_and_float_io(smoke_bundle):
     assert {t.data_type for t in model.graph.initializer if len(t.dims) == 4} == {onnx.TensorProto.FLOAT16}
     io = list(model.graph.input) + list(model.graph.output)
     assert {v.type.tensor_type.elem_type for v in io} == {onnx.TensorProto.FLOAT}
-    report = Bundle.load(smoke_bundle).manifest.metrics["parity"]["fp16"]
+    report = Bundle.load(smoke_bundle).manifest.metrics["parity"]["onnxruntime"]["fp16"]
     assert report["ran_by"], "the report says what ran fp16, or why nothing could"
 
 
 def test_failed_parity_exits_nonzero_and_leaves_the_old_bundle(smoke_checkpoint, tmp_path, monkeypatch, capsys):
-    import export.parity as parity
+    from vce_deploy.backends.torch import TorchBackend
+
     from export.__main__ import main
 
-    class Off(parity.TorchReference):
-        def run_convertor(self, z, q):
-            return super().run_convertor(z, q) + np.float32(2e-4)  # just past the fp32 bar
+    real_run = TorchBackend.run
 
-    monkeypatch.setattr(parity, "TorchReference", Off)
+    def off(self, model, inputs):  # the reference, just past the fp32 bar on y
+        out = real_run(self, model, inputs)
+        return {name: a + np.float32(2e-4) if name == "y" else a for name, a in out.items()}
+
+    monkeypatch.setattr(TorchBackend, "run", off)
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "manifest.json").write_text("the previous bundle")  # only a bundle (or nothing) may be replaced
@@ -126,7 +139,7 @@ def test_failed_parity_exits_nonzero_and_leaves_the_old_bundle(smoke_checkpoint,
     code = main([str(smoke_checkpoint), "--out", str(out), "--precision", "fp32", "--no-nll", "--batches", "1", "7"])
     assert code == 1
     err = capsys.readouterr().err
-    assert "[fp32 convertor] values: y at batch 1" in err and "y at batch 7" in err, err
+    assert "[onnxruntime fp32 convertor] values: y at batch 1" in err and "y at batch 7" in err, err
     assert tree_digest(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["bundle"], "no staging directory left behind"
 

@@ -32,9 +32,8 @@ import pytest
 from PIL import Image
 
 from vce_deploy import BundleError, CheckpointError, Converter, InputError, VCEError
-from vce_deploy.bundle import (Bundle, atomic_directory, check_replaceable, clean_stale, sha256_file,
-                               write_raw_manifest)
-from vce_deploy.bundle import _exchange
+from vce_deploy.bundle import Bundle, sha256_file, write_raw_manifest
+from vce_deploy.bundle_swap import _exchange, atomic_directory, check_replaceable, clean_stale
 from vce_deploy.checkpoint import load_model, load_tensors
 from vce_deploy.preprocess import MAX_PIXELS
 
@@ -43,7 +42,7 @@ PYTHON = sys.executable
 
 
 @pytest.fixture(scope="module")
-def conv(smoke_bundle) -> Converter:
+def converter(smoke_bundle) -> Converter:
     return Converter.load(smoke_bundle, backend="onnxruntime", device="cpu", threads=1)
 
 
@@ -178,11 +177,11 @@ def _bad_requests(glyphs, files):
     ]
 
 
-def test_every_entry_point_refuses_bad_input_alone_and_clearly(conv, glyphs, bad_files):
-    before = conv.convert(glyphs, n=3, seed=5)
+def test_every_entry_point_refuses_bad_input_alone_and_clearly(converter, glyphs, bad_files):
+    before = converter.convert(glyphs, n=3, seed=5)
     for label, call, kind, fragments in _bad_requests(glyphs, bad_files):
         with pytest.raises(VCEError) as err:
-            result = call(conv)
+            result = call(converter)
             while hasattr(result, "__next__"):  # convert_iter fails when it reaches the bad chunk
                 next(result)
         message = str(err.value)
@@ -190,14 +189,14 @@ def test_every_entry_point_refuses_bad_input_alone_and_clearly(conv, glyphs, bad
         assert "expected" in message, f"{label}: {message}"
         for fragment in fragments:
             assert fragment in message, f"{label}: {fragment!r} not in {message!r}"
-        assert np.array_equal(conv.convert(glyphs, n=3, seed=5), before), f"the converter changed after {label}"
+        assert np.array_equal(converter.convert(glyphs, n=3, seed=5), before), f"the converter changed after {label}"
 
 
-def test_huge_n_streams_through_convert_iter_in_max_batch_slices(conv, glyphs):
+def test_huge_n_streams_through_convert_iter_in_max_batch_slices(converter, glyphs):
     """The policy: convert() refuses n past max_output_bytes; convert_iter takes any n."""
-    chunks = conv.convert_iter(glyphs[0], n=10**12, seed=0)
+    chunks = converter.convert_iter(glyphs[0], n=10**12, seed=0)
     first = next(chunks)
-    assert first.shape == (1, conv.max_batch, 28, 28)
+    assert first.shape == (1, converter.max_batch, 28, 28)
     chunks.close()
 
 
@@ -520,14 +519,14 @@ def _fail_convertor_onnx(original):
 
 
 STEPS = {  # step -> how to make it fail: (module, attribute, replacement or wrapper)
-    "weights": ("export", "_weights_only", _boom),
+    "weights": ("export.pipeline", "_weights_only", _boom),
     "onnx": ("export.onnx_export", "export_onnx", "fail_convertor"),
     "fp16": ("export.quantize", "to_fp16", _boom),
     "int8": ("export.quantize", "to_int8", _boom),
-    "parity": ("export.parity", "run_parity", _boom),
-    "nll": ("export", "_nll_metrics", _boom),
-    "manifest": ("export", "write_manifest", _half_manifest),
-    "verify": ("export", "Bundle", type("Refuse", (), {"load": staticmethod(_boom)})),
+    "parity": ("vce_deploy.verify", "check_parity", _boom),
+    "nll": ("export.pipeline", "_nll_metrics", _boom),
+    "manifest": ("export.pipeline", "write_manifest", _half_manifest),
+    "verify": ("export.pipeline", "Bundle", type("Refuse", (), {"load": staticmethod(_boom)})),
 }
 
 
@@ -567,7 +566,7 @@ import os, shutil, signal, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
 checkpoint, out, source, kill_at = sys.argv[1:5]
-import export, export.onnx_export as onnx_export, vce_deploy.bundle as bundle
+import export.pipeline as pipeline, export.onnx_export as onnx_export, vce_deploy.bundle_swap as bundle_swap
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -578,14 +577,14 @@ def copy_onnx(module, role, size, latent, path, opset, slim):
 
 onnx_export.export_onnx = copy_onnx
 if kill_at == "manifest":  # every model file written, the manifest next
-    export.write_manifest = die
+    pipeline.write_manifest = die
 elif kill_at == "swap":  # right after the new bundle took the old one's place
-    real = bundle._exchange
+    real = bundle_swap._exchange
     def exchange_then_die(a, b):
         assert real(a, b), "RENAME_EXCHANGE is not available here"
         die()
-    bundle._exchange = exchange_then_die
-export.export_bundle(checkpoint, out, precisions=("fp32",), parity_batches=(1,), measure_nll=False, split="small", log=lambda _: None)
+    bundle_swap._exchange = exchange_then_die
+pipeline.export_bundle(checkpoint, out, precisions=("fp32",), parity_batches=(1,), measure_nll=False, split="small", log=lambda _: None)
 print("export finished: the kill point was never reached")
 """
 
@@ -675,7 +674,7 @@ def test_only_an_empty_directory_or_a_bundle_may_be_replaced(tmp_path, smoke_bun
 # -- 4. concurrency: one Converter, 16 threads x 200 calls, results equal the serial ones -------
 
 def test_sixteen_threads_times_two_hundred_calls_equal_the_serial_results(smoke_bundle, glyphs):
-    conv = Converter.load(smoke_bundle, backend="onnxruntime", device="cpu", max_batch=8, threads=1)
+    converter = Converter.load(smoke_bundle, backend="onnxruntime", device="cpu", max_batch=8, threads=1)
     rng = random.Random(0)
     specs = []
     for i in range(200):
@@ -686,12 +685,12 @@ def test_sixteen_threads_times_two_hundred_calls_equal_the_serial_results(smoke_
     def call(spec):
         kind, batch, n, seed = spec
         if kind == "convert":
-            return conv.convert(batch, n=n, seed=seed)
+            return converter.convert(batch, n=n, seed=seed)
         if kind == "iter":
-            return np.concatenate([c.reshape(-1, 28, 28) for c in conv.convert_iter(batch, n=n, seed=seed)])
+            return np.concatenate([c.reshape(-1, 28, 28) for c in converter.convert_iter(batch, n=n, seed=seed)])
         if kind == "encode":
-            return np.concatenate(conv.encode(batch, batch[::-1]), axis=1)
-        return conv.transfer(glyphs[0], glyphs[1], batch, n=n, seed=seed)
+            return np.concatenate(converter.encode(batch, batch[::-1]), axis=1)
+        return converter.transfer(glyphs[0], glyphs[1], batch, n=n, seed=seed)
 
     serial = [call(spec) for spec in specs]
 
@@ -719,18 +718,18 @@ sys.path.insert(0, {root!r})
 import numpy as np
 from vce_deploy import Converter
 bundle, n, max_batch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-conv = Converter.load(bundle, backend="onnxruntime", device="cpu", max_batch=max_batch)
+converter = Converter.load(bundle, backend="onnxruntime", device="cpu", max_batch=max_batch)
 glyph = np.full((40, 40), 255, np.uint8); glyph[8:32, 18:23] = 0
 def peak_kb():  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's over exec)
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
 
-conv.convert(glyph, n=max_batch, seed=1)  # warm: sessions, arenas, one full chunk
+converter.convert(glyph, n=max_batch, seed=1)  # warm: sessions, arenas, one full chunk
 base = peak_kb()
 tracemalloc.start()
 start, count, largest, total = time.perf_counter(), 0, 0, 0.0
-for chunk in conv.convert_iter(glyph, n=n, seed=0):
+for chunk in converter.convert_iter(glyph, n=n, seed=0):
     count += chunk.shape[0] * chunk.shape[1]
     largest = max(largest, chunk.shape[1])
     total += float(chunk.sum(dtype=np.float64))

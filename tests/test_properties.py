@@ -118,13 +118,13 @@ def converters(smoke_bundle):
 def test_convert_is_well_formed_deterministic_and_streams_the_same_numbers(
         converters, batch, n, seed, max_batch, temperature, glyph_seed):
     images = np.random.default_rng(glyph_seed).integers(0, 256, (batch, 20, 30), dtype=np.uint8)
-    reference, conv = converters(64), converters(max_batch)
-    y = conv.convert(images, n=n, seed=seed, temperature=temperature)
+    reference, converter = converters(64), converters(max_batch)
+    y = converter.convert(images, n=n, seed=seed, temperature=temperature)
     assert y.shape == (batch, n, 28, 28) and y.dtype == np.float32
     assert np.isfinite(y).all() and y.min() >= 0 and y.max() <= 1
     assert np.array_equal(y, reference.convert(images, n=n, seed=seed, temperature=temperature)), \
         "max_batch changed the answer"
-    chunks = list(conv.convert_iter(images, n=n, seed=seed, temperature=temperature))
+    chunks = list(converter.convert_iter(images, n=n, seed=seed, temperature=temperature))
     assert all(c.shape[0] * c.shape[1] <= max(max_batch, n) for c in chunks)
     assert all(c.shape[1] <= max_batch for c in chunks) or n <= max_batch
     streamed = np.concatenate([c.reshape(-1, 28, 28) for c in chunks]).reshape(batch, n, 28, 28)
@@ -136,11 +136,11 @@ def test_convert_is_well_formed_deterministic_and_streams_the_same_numbers(
        temperature=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 0), st.text(max_size=2)),
        seed=st.one_of(st.integers(max_value=-1), st.floats(), st.text(max_size=2)))
 def test_bad_arguments_are_input_errors(converters, n, temperature, seed):
-    conv = converters(64)
+    converter = converters(64)
     glyph = np.zeros((28, 28), np.uint8)
     for kwargs in ({"n": n}, {"n": 1, "temperature": temperature}, {"n": 1, "seed": seed}):
         try:
-            y = conv.convert(glyph, **kwargs)
+            y = converter.convert(glyph, **kwargs)
         except InputError as err:
             assert "expected" in str(err)
             continue

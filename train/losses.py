@@ -85,7 +85,7 @@ def lmvae_loss(model: VCE, x, q, margin: float = 50.0, sigma: float = 0.15, lam:
 
     L_E = KL(z) + lam * max(0, m - KL(z_c)) + (1 - sigma) CON + sigma REG   (eq. 11)
     L_C = KL(z) + lam * KL(z_c)             + (1 - sigma) CON + sigma REG   (eq. 12)
-    In L_E the converted x_c is detached before it re-enters the encoder (DESIGN.md), so the
+    In L_E the converted x_c is detached before it re-enters the encoder (docs/design.md), so the
     margin term trains the encoder as a critic, not the convertor through it.
     alternating: L_C's KL(z_c) is recomputed by `convertor_after_encoder_step` with the stepped
     encoder (Algorithm 1); otherwise both objectives come from this one forward pass.

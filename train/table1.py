@@ -95,9 +95,7 @@ def prepare_run(stage2: Path, run_dir: Path, config: TrainConfig) -> str:
 
 def evaluate_row(run_dir: Path, x: np.ndarray, q: np.ndarray, settings: dict, batch_size: int, progress: bool) -> dict:
     """The row's NLL, cached in run_dir/nll.json for these exact settings and weights."""
-    from vce_deploy.checkpoint import load_model
-
-    from .evaluate import TorchModel, one_shot_nll
+    from vce_deploy.nll import load_evaluable, one_shot_nll
 
     checkpoint = run_dir / CHECKPOINT
     settings = dict(settings, step=read_meta(checkpoint)["step"])
@@ -106,9 +104,9 @@ def evaluate_row(run_dir: Path, x: np.ndarray, q: np.ndarray, settings: dict, ba
         record = json.loads(cache.read_text())
         if record.get("settings") == settings:
             return record
-    vce, _ = load_model(checkpoint)
+    converter, _ = load_evaluable(checkpoint)
     t0 = time.perf_counter()
-    result = one_shot_nll(TorchModel(vce), x, q, k=settings["k"], seed=settings["seed"],
+    result = one_shot_nll(converter, x, q, k=settings["k"], seed=settings["seed"],
                           batch_size=batch_size, progress=progress)
     record = {"settings": settings, "seconds": time.perf_counter() - t0, **result}
     atomic_write_bytes(cache, (json.dumps(record, indent=2) + "\n").encode())
@@ -218,7 +216,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown rows {unknown}; expected some of {list(by_name)}")
     rows = [by_name[n] for n in args.rows.split(",")]
 
-    from vce_deploy.omniglot import load_split, nll_targets
+    from vce_deploy.nll import load_targets
     from .train import train
 
     stage2, out, docs = Path(args.stage2), Path(args.out), Path(args.docs)
@@ -236,14 +234,12 @@ def main(argv=None) -> int:
                   flush=True)
             if status != "finished":
                 train(configs[row.name], run_dir, data_dir=args.data_dir, progress=progress)
-        test = load_split(configs[rows[0].name].split, "validation" if args.validation else "test", args.data_dir)
+        part = "validation" if args.validation else "test"
+        test, x, q = load_targets(configs[rows[0].name].split, part, args.data_dir, args.all_drawings, args.limit)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
-    x, q = nll_targets(test, all_drawings=args.all_drawings)
-    if args.limit is not None:
-        x, q = x[:args.limit], q[:args.limit]
     settings = {"k": args.k, "seed": args.seed, "targets": len(x), "all_drawings": args.all_drawings, "limit": args.limit}
     records = {}
     for row in rows:

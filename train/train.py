@@ -50,11 +50,12 @@ def use_bf16(config: TrainConfig) -> bool:
 
 def validation_nll(model: VCE, x: np.ndarray, q: np.ndarray, k: int, seed: int, channels_last: bool) -> dict:
     """The one-shot NLL on the validation characters: the number every choice is made on."""
-    from .evaluate import TorchModel, one_shot_nll
+    from vce_deploy import Converter
+    from vce_deploy.nll import one_shot_nll
 
     was_training = model.training
     try:
-        result = one_shot_nll(TorchModel(model, channels_last=channels_last), x, q, k=k, seed=seed)
+        result = one_shot_nll(Converter.from_torch(model, channels_last=channels_last), x, q, k=k, seed=seed)
     finally:
         model.train(was_training)
     return {key: result[key] for key in ("nll_mean", "nll_sem", "elbo_mean", "k", "targets")}

@@ -1,4 +1,5 @@
-"""The `vce` command: convert, inspect, verify, bench.
+"""The `vce` command: convert, inspect, verify. (The benchmark is `python -m bench`, in the
+source tree: it is not part of the runtime.)
 
 Exit codes: 0 ok, 1 error (a one-line message on stderr), 2 bad usage (argparse).
 """
@@ -11,17 +12,12 @@ import sys
 import time
 from typing import Sequence
 
-import numpy as np
-
 from .errors import VCEError
-from .tolerances import TOLERANCES
-
-# Largest |ONNX - checkpoint| each precision may show on the same inputs: the export's own
 
 
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKENDS
-    from .bundle import PRECISIONS
+    from .contract import PRECISIONS
 
     parser = argparse.ArgumentParser(prog="vce", description="One-shot glyph conversion with a VCE bundle.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -47,24 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check hashes, and parity against the checkpoint when it is there")
     verify.add_argument("bundle")
     verify.add_argument("--batch", type=int, default=8, help="inputs compared per model (default 8)")
-
-    bench = commands.add_parser("bench", help="the latency benchmark (bench/latency.py)")
-    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to bench/latency.py")
+    verify.add_argument("--split", default="small", choices=("small", "paper"),
+                        help="Omniglot split whose test glyphs are compared on (default small)")
+    verify.add_argument("--data-dir", default=None, help="folder with the Omniglot zips")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        # bench's own options belong to bench/latency.py, so they pass through unparsed
-        args, passthrough = parser.parse_known_args(argv)
-        if args.command == "bench":
-            args.args = [*passthrough, *args.args]
-        elif passthrough:
-            parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
+        args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse: 2 for bad usage, 0 after --help
         return int(stop.code or 0)
-    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "bench": cmd_bench}
+    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify}
     try:
         return handlers[args.command](args)
     except (VCEError, OSError) as err:  # OSError: an output that cannot be written, a full disk
@@ -76,15 +67,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .converter import Converter, save_conversions
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
-    conv = Converter.load(args.bundle, backend=args.backend, precision=args.precision, device=args.device,
+    converter = Converter.load(args.bundle, backend=args.backend, precision=args.precision, device=args.device,
                           max_batch=args.max_batch, threads=args.threads)
     start = time.perf_counter()
-    samples = conv.convert(args.images, args.n, seed=seed, temperature=args.temperature)
+    samples = converter.convert(args.images, args.n, seed=seed, temperature=args.temperature)
     seconds = time.perf_counter() - start
     path = save_conversions(args.output, samples, None if args.no_condition else args.images)
     print(f"wrote {path}: {samples.shape[0]} glyphs x {args.n} variations, seed {seed}, "
-          f"{conv.backend.name} on {conv.backend.device} at {conv.precision}, convert {seconds * 1000:.1f} ms")
-    conv.close()
+          f"{converter.backend_info.name} on {converter.backend_info.device} at {converter.precision}, convert {seconds * 1000:.1f} ms")
+    converter.close()
     return 0
 
 
@@ -125,61 +116,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .backends import BACKENDS
     from .bundle import Bundle
-    from .converter import Converter
+    from .omniglot import load_split
+    from .verify import REFERENCE, check_parity
 
     if args.batch < 1:
         print(f"vce verify: error: --batch: expected an integer >= 1, got {args.batch}", file=sys.stderr)
         return 2
     bundle = Bundle.load(args.bundle, verify=True)  # raises BundleError on a missing or changed file
     print(f"hashes: {len(bundle.manifest.files)} files match the manifest")
-    problem = BACKENDS["torch"].unavailable(bundle, "fp32", "cpu")
+    problem = BACKENDS[REFERENCE].unavailable(bundle, "fp32", "cpu")
     if problem is not None:
         print(f"parity: skipped ({problem})")
         return 0
-    reference = Converter.load(bundle.path, backend="torch", device="cpu")
-    inputs = _parity_inputs(args.batch, bundle.manifest.latent_dim, bundle.manifest.image_size)
-    expected = _outputs(reference, inputs)
-    failed = False
-    precisions = sorted({e.precision for e in bundle.entries(format="onnx")})
-    for precision in precisions:
-        conv = Converter.load(bundle.path, backend="onnxruntime", precision=precision, device="cpu")
-        got = _outputs(conv, inputs)
-        diffs = {name: float(np.max(np.abs(got[name] - expected[name]))) for name in expected}
-        tolerance = TOLERANCES[precision]  # the exporter's own
-        within = all(np.all(np.abs(got[name] - expected[name]) <= tolerance.allowed(expected[name]))
-                     for name in expected)
-        verdict = "ok" if within else "FAILED"
-        failed |= not within
-        limit = f" (tolerance {tolerance.atol:g} + {tolerance.rtol:g}*|torch|)"
-        print(f"parity {precision}: max |onnxruntime - torch| "
-              + ", ".join(f"{name} {value:.2e}" for name, value in diffs.items()) + f"{limit}: {verdict}")
+    try:
+        glyphs = load_split(args.split, "test", args.data_dir).images  # real glyphs, never trained on
+    except (FileNotFoundError, ValueError) as err:
+        print(f"parity: skipped (no Omniglot glyphs to compare on: {err}; pass --data-dir)")
+        return 0
+    report = check_parity(bundle.path, glyphs, batches=(args.batch,))
+    for check in report.checks:
+        print(check.summary())
     engines = bundle.entries(format="tensorrt")
     if engines:
-        print(f"engines: {len(engines)} listed; hashes checked, outputs not compared here")
-    return 1 if failed else 0
-
-
-def _parity_inputs(batch: int, latent_dim: int, size: int) -> dict[str, np.ndarray]:
-    """Fixed, seeded inputs: binary glyph-like images and prior latents."""
-    rng = np.random.default_rng(0)
-    images = (rng.random((2, batch, 1, size, size)) < 0.2).astype(np.float32)
-    return {"x": images[0], "q": images[1], "z": rng.standard_normal((batch, latent_dim), dtype=np.float32)}
-
-
-def _outputs(conv, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    mu, logvar = conv.run_encoder(inputs["x"], inputs["q"])
-    return {"mu": mu, "logvar": logvar, "y": conv.run_convertor(inputs["z"], inputs["q"])}
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    try:
-        from bench.latency import main as bench_main
-    except ImportError as err:
-        print("vce bench: error: the benchmark is bench/latency.py in the vce-deploy source tree and could not "
-              f"be imported ({err}); run it from the repository root: `python -m bench.latency`", file=sys.stderr)
-        return 1
-    result = bench_main(list(args.args))
-    return int(result or 0)
+        print(f"engines: {len(engines)} listed; hashes checked, outputs compared where a backend ran them above")
+    return 0 if report.ok else 1
 
 
 def _specs(specs) -> str:

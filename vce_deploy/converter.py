@@ -1,9 +1,9 @@
-"""`Converter`: the runtime applications embed (DESIGN.md "Runtime API").
+"""`Converter`: the runtime applications embed (docs/design.md "Runtime API").
 
-    conv = Converter.load("bundle/")               # verified bundle, best backend here
-    y = conv.convert(images, n=16, seed=0)         # (B, 16, 28, 28) float32 Bernoulli means
-    mu, logvar = conv.encode(x, q)                 # the rules that turn q into x
-    y = conv.transfer(x, q, targets, n=4, seed=0)  # those rules applied to other glyphs
+    converter = Converter.load("bundle/")               # verified bundle, best backend here
+    y = converter.convert(images, n=16, seed=0)         # (B, 16, 28, 28) float32 Bernoulli means
+    mu, logvar = converter.encode(x, q)                 # the rules that turn q into x
+    y = converter.transfer(x, q, targets, n=4, seed=0)  # those rules applied to other glyphs
 
 The backend is chosen once in `load`; every method after that goes through the same
 `Backend` interface. A Converter keeps no per-call state, so one instance is safe to share
@@ -15,20 +15,22 @@ import itertools
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from .backends import AUTO_ORDER, BACKENDS, Backend, BackendInfo, LatentStream
-from .bundle import PRECISIONS, Bundle
+from .backends import AUTO_ORDER, BACKENDS, Backend, BackendInfo, HostLatentSampler, LatentSampler
+from .bundle import Bundle
+from .contract import PRECISIONS
 from .errors import BundleError, InputError
 from .grid import save_grid
 from .preprocess import IMAGE_SIZE, preprocess_batch
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 # convert() and transfer() return one array; past this many bytes they refuse and point to
-# convert_iter, which holds at most max_batch samples at a time. Per instance: conv.max_output_bytes.
+# convert_iter, which holds at most max_batch samples at a time. Per instance: converter.max_output_bytes.
 MAX_OUTPUT_BYTES = 1 << 30
 # Latents are N(0, temperature^2 I) in float32: far past any useful temperature (1 samples the
 # prior), and far below where float32 overflows inside the convolutions (~1e37 gives NaN).
@@ -78,7 +80,7 @@ def _raw(array: Any, what: str, sample_shape: tuple[int, ...]) -> np.ndarray:
 class Converter:
     """One bundle precision on one backend. Build it with `Converter.load`."""
 
-    def __init__(self, bundle: Bundle, backend: Backend, info: BackendInfo, max_batch: int):
+    def __init__(self, bundle: Bundle | None, backend: Backend, info: BackendInfo, max_batch: int):
         self._bundle = bundle
         self._backend = backend
         self._info = info
@@ -143,21 +145,41 @@ class Converter:
             skipped.append(f"{name} skipped: {problem}")
         raise problem  # the last backend's reason: ONNX Runtime is the floor, nothing below it
 
+    @classmethod
+    def from_torch(cls, model, channels_last: bool | None = None, max_batch: int | None = None) -> "Converter":
+        """A PyTorch VCE already in memory behind the same API, its weights used in place (not
+        copied), on the device they are on: the NLL of a model while it trains, or of a
+        checkpoint without exporting it. channels_last: see TorchBackend.from_module."""
+        from .backends.torch import TorchBackend
+
+        backend = TorchBackend.from_module(model, channels_last)
+        max_batch = _positive_int(max_batch, "max_batch") if max_batch is not None else backend.default_max_batch
+        info = BackendInfo(backend.name, backend.device, "fp32", backend.describe(), "a PyTorch model was given")
+        return cls(None, backend, info, max_batch)
+
     # -- what was loaded ---------------------------------------------------------------------
 
     @property
-    def backend(self) -> BackendInfo:
+    def backend_info(self) -> BackendInfo:
         """Which backend, device and precision were chosen, and why."""
         return self._info
 
     @property
-    def engine(self) -> Backend:
-        """The loaded backend itself: `engine.run(model, inputs)` is one bare engine call on a
+    def backend(self) -> Backend:
+        """The loaded backend itself: `backend.run(model, inputs)` is one bare engine call on a
         ready batch (no preprocessing, noise or chunking), for benchmarks and profilers."""
         return self._backend
 
     @property
-    def bundle(self) -> Bundle:
+    def engine(self) -> Backend:
+        """Deprecated name of `backend`."""
+        warnings.warn("Converter.engine is deprecated: use Converter.backend (and Converter.backend_info for "
+                      "what was chosen and why)", DeprecationWarning, stacklevel=2)
+        return self._backend
+
+    @property
+    def bundle(self) -> Bundle | None:
+        """The bundle loaded, or None for a model given in memory (`from_torch`)."""
         return self._bundle
 
     @property
@@ -170,14 +192,15 @@ class Converter:
 
     @property
     def latent_dim(self) -> int:
-        return self._bundle.manifest.latent_dim
+        return self._backend.latent_dim
 
     @property
     def image_size(self) -> int:
-        return self._bundle.manifest.image_size
+        return self._backend.image_size
 
     def __repr__(self) -> str:
-        return f"Converter({str(self._bundle.path)!r}, {self._info.name} on {self._info.device}, {self.precision})"
+        source = str(self._bundle.path) if self._bundle is not None else "a model in memory"
+        return f"Converter({source!r}, {self._info.name} on {self._info.device}, {self.precision})"
 
     def close(self) -> None:
         """Release device memory (TensorRT buffers); CPU backends hold none."""
@@ -203,8 +226,8 @@ class Converter:
         self._check_output("convert", 1, n)  # before opening any file: n alone may be too much
         conditions = preprocess_batch(images, "images")  # (B, 1, 28, 28)
         self._check_output("convert", conditions.shape[0], n)
-        stream = self._backend.latent_stream(seed)
-        return self._convert(conditions, n, stream, temperature)
+        sampler = self._backend.latent_sampler(seed)
+        return self._convert(conditions, n, sampler, temperature)
 
     def _check_output(self, method: str, glyphs: int, n: int) -> None:
         """Refuse a call whose one returned array would pass max_output_bytes."""
@@ -215,7 +238,7 @@ class Converter:
                 f"n: expected {method}() to fit in max_output_bytes = {self.max_output_bytes} bytes, got {glyphs} "
                 f"glyphs x n = {n} samples = {need} bytes of float32 output and latents; stream it with "
                 f"convert_iter(images, n, seed), which holds at most max_batch = {self._max_batch} samples at a "
-                f"time (or raise conv.max_output_bytes)")
+                f"time (or raise converter.max_output_bytes)")
 
     def convert_iter(self, images: Any, n: int, seed: int | None = None, temperature: float = 1.0,
                      conditions_per_chunk: int | None = None, progress: bool = False) -> Iterator[np.ndarray]:
@@ -245,7 +268,7 @@ class Converter:
         return self._convert_chunks(items, n, seed, temperature, per_chunk, bar)
 
     def _convert_chunks(self, items, n, seed, temperature, per_chunk, bar) -> Iterator[np.ndarray]:
-        stream = self._backend.latent_stream(seed)
+        sampler = self._backend.latent_sampler(seed)
         start = 0
         try:
             while True:
@@ -256,12 +279,12 @@ class Converter:
                     return
                 conditions = preprocess_batch(chunk, f"images[{start}:{start + len(chunk)}]")
                 if n <= self._max_batch:
-                    yield self._convert(conditions, n, stream, temperature)
+                    yield self._convert(conditions, n, sampler, temperature)
                 else:  # one condition's samples do not fit one engine batch: slice them
                     for row in range(conditions.shape[0]):
                         for done in range(0, n, self._max_batch):
                             count = min(self._max_batch, n - done)
-                            yield self._convert(conditions[row:row + 1], count, stream, temperature)
+                            yield self._convert(conditions[row:row + 1], count, sampler, temperature)
                 start += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
@@ -269,9 +292,9 @@ class Converter:
             if bar is not None:
                 bar.close()
 
-    def _convert(self, conditions: np.ndarray, n: int, stream, temperature: float) -> np.ndarray:
+    def _convert(self, conditions: np.ndarray, n: int, sampler: LatentSampler, temperature: float) -> np.ndarray:
         batch, size = conditions.shape[0], self.image_size
-        y = self._backend.convert(conditions, n, stream, temperature, self._max_batch)  # (B * n, 1, S, S)
+        y = self._backend.convert(conditions, n, sampler, temperature, self._max_batch)  # (B * n, 1, S, S)
         return y.reshape(batch, n, size, size)
 
     def encode(self, x: Any, q: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -299,7 +322,7 @@ class Converter:
         mu, logvar = self._encode(examples, conditions)  # (P, D) each
         rows = np.arange(count * n) // n  # sample i belongs to target i // n
         rule = rows if pairs == count else np.zeros_like(rows)
-        eps = LatentStream(seed).draw(count * n, self.latent_dim, temperature)  # host: mu lives here
+        eps = HostLatentSampler(seed).draw(count * n, self.latent_dim, temperature)  # host: mu lives here
         z = mu[rule] + np.exp(0.5 * logvar[rule]) * eps  # (T * n, D)
         y = self._backend.run_chunked("convertor", {"z": z.astype(np.float32), "q": glyphs[rows]}, self._max_batch)["y"]
         return y.reshape(count, n, self.image_size, self.image_size)

@@ -1,4 +1,4 @@
-"""The whole Variational Convertor-Encoder (paper section 4.2, DESIGN.md "Model").
+"""The whole Variational Convertor-Encoder (paper section 4.2, docs/design.md "Model").
 
 Imported by training, export and the eager reference backend only: `import vce_deploy`
 never imports torch.

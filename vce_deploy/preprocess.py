@@ -1,7 +1,7 @@
 """The one preprocessing function, shared by training data and user input.
 
-DESIGN.md fixes it: grayscale -> strokes become 1 (invert unless the background is already
-dark) -> resize to 28x28 with a box filter -> binarize at 0.5 -> float32 {0, 1}.
+docs/design.md ("Data") fixes it: grayscale -> strokes become 1 (invert unless the background
+is already dark) -> resize to 28x28 with a box filter -> binarize at 0.5 -> float32 {0, 1}.
 """
 from __future__ import annotations
 

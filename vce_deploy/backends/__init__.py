@@ -6,7 +6,8 @@ checked or built, so importing this package imports none of them.
 """
 from __future__ import annotations
 
-from .base import Backend, BackendInfo, LatentStream, MODELS
+from ..contract import MODELS
+from .base import Backend, BackendInfo, HostLatentSampler, LatentSampler, LatentStream
 from .onnxruntime import OnnxRuntimeBackend
 from .tensorrt import TensorRTBackend
 from .torch import TorchBackend
@@ -18,4 +19,5 @@ BACKENDS: dict[str, type[Backend]] = {
 # itself prefers its TensorRT / CUDA providers when onnxruntime-gpu and a GPU are there).
 AUTO_ORDER = ("tensorrt", "onnxruntime")
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "Backend", "BackendInfo", "LatentStream", "MODELS"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "Backend", "BackendInfo", "HostLatentSampler", "LatentSampler", "LatentStream",
+           "MODELS"]

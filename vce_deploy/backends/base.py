@@ -11,26 +11,20 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
 
+from ..contract import BATCH_AXIS, IO_DTYPE, MODEL_IO, tensor_shapes
 from ..errors import BackendError, BundleError
 
 if TYPE_CHECKING:
     from ..bundle import Bundle, FileEntry
 
-MODELS = ("encoder", "convertor")
-# The I/O contract of the exported graphs (DESIGN.md "Bundle"); the manifest must agree.
-MODEL_IO = {
-    "encoder": (("x", "q"), ("mu", "logvar")),
-    "convertor": (("z", "q"), ("y",)),
-}
-
 
 @dataclass(frozen=True)
 class BackendInfo:
-    """What `Converter.load` chose, on which device, and why: `conv.backend`."""
+    """What `Converter.load` chose, on which device, and why: `converter.backend_info`."""
 
     name: str  # registry key: "onnxruntime", "tensorrt", "torch"
     device: str  # "cpu", "cuda:0"
@@ -42,12 +36,20 @@ class BackendInfo:
         return f"{self.name} on {self.device} at {self.precision} ({self.detail}); chosen because {self.reason}"
 
 
-class LatentStream:
-    """Standard-normal latents from one Philox stream on the host.
+class LatentSampler(Protocol):
+    """Where `Backend.convert` gets its latents: standard-normal draws on `device` that continue
+    one sequence, so a job cut into chunks (convert_iter, or any max_batch) receives exactly
+    the numbers one big draw would have produced. Host: HostLatentSampler; a GPU:
+    cuda.DeviceLatentSampler."""
 
-    Consecutive draws continue the stream, so a job cut into chunks (convert_iter, or any
-    max_batch) receives exactly the numbers one big draw would have produced.
-    """
+    device: str
+
+    def draw(self, count: int, latent_dim: int, temperature: float) -> Any:
+        """(count, latent_dim) float32 draws of N(0, temperature^2 I), an array on `device`."""
+
+
+class HostLatentSampler(LatentSampler):
+    """Standard-normal latents from one numpy Philox generator on the host."""
 
     device = "cpu"
 
@@ -57,6 +59,9 @@ class LatentStream:
     def draw(self, count: int, latent_dim: int, temperature: float) -> np.ndarray:
         eps = self._generator.standard_normal((count, latent_dim), dtype=np.float32)  # (count, D)
         return eps if temperature == 1.0 else eps * np.float32(temperature)
+
+
+LatentStream = HostLatentSampler  # the old name, kept for callers written before the rename
 
 
 def physical_cores() -> int:
@@ -82,18 +87,19 @@ def physical_cores() -> int:
 
 class Backend(ABC):
     """One bundle precision, loaded on one device. Subclasses set `name` and implement
-    `unavailable`, `__init__` and `run`; GPU backends also override `latent_stream` and
+    `unavailable`, `__init__` and `run`; GPU backends also override `latent_sampler` and
     `convert` to keep noise, inputs and outputs on the device."""
 
     name: ClassVar[str]
 
-    def __init__(self, bundle: "Bundle", precision: str, device: str, threads: int | None):
-        self.bundle = bundle
+    def __init__(self, bundle: "Bundle | None", precision: str, device: str, threads: int | None):
+        self.bundle = bundle  # None for a model given in memory (TorchBackend.from_module)
         self.precision = precision
         self.device = device
         self.threads = threads
-        self.image_size = bundle.manifest.image_size
-        self.latent_dim = bundle.manifest.latent_dim
+        if bundle is not None:
+            self.image_size = bundle.manifest.image_size
+            self.latent_dim = bundle.manifest.latent_dim
 
     @classmethod
     @abstractmethod
@@ -130,8 +136,8 @@ class Backend(ABC):
 
     # -- noise and the batched conversion: host versions, overridden on GPUs -----------------
 
-    def latent_stream(self, seed: int | None) -> LatentStream:
-        return LatentStream(seed)
+    def latent_sampler(self, seed: int | None) -> LatentSampler:
+        return HostLatentSampler(seed)
 
     def run_chunked(self, model: str, inputs: dict[str, np.ndarray], max_batch: int) -> dict[str, np.ndarray]:
         """`run` over batch slices of at most max_batch rows, outputs concatenated in order."""
@@ -143,7 +149,7 @@ class Backend(ABC):
             parts.append(self.run(model, {k: v[start:start + max_batch] for k, v in inputs.items()}))
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
-    def convert(self, conditions: np.ndarray, samples_per_condition: int, stream: LatentStream,
+    def convert(self, conditions: np.ndarray, samples_per_condition: int, sampler: LatentSampler,
                 temperature: float, max_batch: int) -> np.ndarray:
         """B conditions (B, 1, S, S) -> B * n Bernoulli means (B * n, 1, S, S), condition-major.
 
@@ -151,7 +157,7 @@ class Backend(ABC):
         gets do not depend on max_batch.
         """
         total = conditions.shape[0] * samples_per_condition
-        latents = stream.draw(total, self.latent_dim, temperature)  # (B * n, D)
+        latents = sampler.draw(total, self.latent_dim, temperature)  # (B * n, D)
         out = np.empty((total, 1, self.image_size, self.image_size), np.float32)
         for start in range(0, total, max_batch):
             stop = min(start + max_batch, total)
@@ -160,18 +166,12 @@ class Backend(ABC):
         return out
 
 
-def io_contract(image_size: int, latent_dim: int) -> dict[str, tuple]:
-    """Every I/O tensor of the two models -> its shape without the batch axis (all float32)."""
-    image, latent = (1, image_size, image_size), (latent_dim,)
-    return {"x": image, "q": image, "y": image, "z": latent, "mu": latent, "logvar": latent}
-
-
 def check_entry_io(entry: "FileEntry", role: str, where: str, image_size: int | None = None,
                    latent_dim: int | None = None) -> None:
     """The manifest entry declares the I/O names the runtime relies on and, given the
     manifest's image_size and latent_dim, the shapes and dtypes that follow from them: a
     dynamic batch axis, then exactly those sizes, float32 (fp16 graphs keep float32 I/O)."""
-    want_in, want_out = MODEL_IO[role]
+    want_in, want_out = MODEL_IO[role].inputs, MODEL_IO[role].outputs
     got_in = tuple(t.name for t in entry.inputs)
     got_out = tuple(t.name for t in entry.outputs)
     if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
@@ -179,15 +179,15 @@ def check_entry_io(entry: "FileEntry", role: str, where: str, image_size: int | 
                           f"{list(want_out)}; the manifest says inputs {list(got_in)}, outputs {list(got_out)}")
     if image_size is None or latent_dim is None:
         return
-    contract = io_contract(image_size, latent_dim)
+    contract = tensor_shapes(image_size, latent_dim)
     problems = []
     for spec in entry.inputs + entry.outputs:
         want = contract[spec.name]
         batch_ok = len(spec.shape) >= 1 and isinstance(spec.shape[0], str)
         if not batch_ok or tuple(spec.shape[1:]) != want:
-            problems.append(f"{spec.name!r} shape {list(spec.shape)}, expected ['batch', {', '.join(map(str, want))}]")
-        if spec.dtype != "float32":
-            problems.append(f"{spec.name!r} dtype {spec.dtype}, expected float32")
+            problems.append(f"{spec.name!r} shape {list(spec.shape)}, expected [{BATCH_AXIS!r}, {', '.join(map(str, want))}]")
+        if spec.dtype != IO_DTYPE:
+            problems.append(f"{spec.name!r} dtype {spec.dtype}, expected {IO_DTYPE}")
     if problems:
         raise BundleError(f"{where}: {role} {entry.path}: the manifest entry does not follow from image_size "
                           f"{image_size} and latent_dim {latent_dim}: " + "; ".join(problems))

@@ -12,6 +12,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..errors import BackendError
+from .base import LatentSampler
 
 
 @lru_cache(maxsize=1)
@@ -122,12 +123,12 @@ def cupy_or_none():
         return None
 
 
-class DeviceLatentStream:
+class DeviceLatentSampler(LatentSampler):
     """Standard-normal latents drawn on the GPU by CuPy's Philox4x32-10 generator.
 
-    Like the host stream, consecutive draws continue one sequence; the numbers differ from
-    the host stream's for the same seed (another generator), so a seed reproduces results
-    on the same backend and device, as DESIGN.md promises, not across them.
+    Like the host sampler, consecutive draws continue one sequence; the numbers differ from
+    the host sampler's for the same seed (another generator), so a seed reproduces results
+    on the same backend and device, as docs/design.md ("Runtime API") promises, not across them.
     """
 
     def __init__(self, seed: int | None, device_id: int):
@@ -144,3 +145,6 @@ class DeviceLatentStream:
         with self.cupy.cuda.Device(self.device_id):
             eps = self._generator.standard_normal((count, latent_dim), dtype=self.cupy.float32)  # (count, D)
             return eps if temperature == 1.0 else eps * self.cupy.float32(temperature)
+
+
+DeviceLatentStream = DeviceLatentSampler  # the old name, kept for callers written before the rename

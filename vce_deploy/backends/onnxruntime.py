@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import MODELS
 from ..errors import BackendError, BundleError
-from .base import MODELS, Backend, LatentStream, check_entry_io, compare_io, physical_cores
+from .base import Backend, HostLatentSampler, check_entry_io, compare_io, physical_cores
 from . import cuda
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -125,20 +126,20 @@ class OnnxRuntimeBackend(Backend):
 
     # -- GPU: noise drawn on the device, inputs and outputs bound there --------------------
 
-    def latent_stream(self, seed):
+    def latent_sampler(self, seed):
         if self._cupy is None:
-            return LatentStream(seed)
-        return cuda.DeviceLatentStream(seed, self.device_id)
+            return HostLatentSampler(seed)
+        return cuda.DeviceLatentSampler(seed, self.device_id)
 
-    def convert(self, conditions, samples_per_condition, stream, temperature, max_batch):
+    def convert(self, conditions, samples_per_condition, sampler, temperature, max_batch):
         if self._cupy is None:  # CPU, or GPU without CuPy: ORT copies each chunk in and out
-            return super().convert(conditions, samples_per_condition, stream, temperature, max_batch)
+            return super().convert(conditions, samples_per_condition, sampler, temperature, max_batch)
         cp, device_id = self._cupy, self.device_id
         size = self.image_size
         total = conditions.shape[0] * samples_per_condition
         session = self._sessions["convertor"]
         with cp.cuda.Device(device_id):
-            latents = stream.draw(total, self.latent_dim, temperature)  # (B * n, D) on the device
+            latents = sampler.draw(total, self.latent_dim, temperature)  # (B * n, D) on the device
             device_conditions = cp.asarray(conditions)  # the B conditions cross the bus once
             out = cp.empty((total, 1, size, size), dtype=cp.float32)
             for start in range(0, total, max_batch):

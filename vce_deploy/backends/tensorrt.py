@@ -20,7 +20,8 @@ import numpy as np
 
 from ..errors import BackendError, EngineMismatchError
 from . import cuda
-from .base import MODELS, Backend, check_entry_io, compare_io
+from ..contract import MODELS
+from .base import Backend, check_entry_io, compare_io
 
 
 def _trt():
@@ -92,7 +93,7 @@ class EngineRunner:
         if self.context is None:
             raise BackendError(f"TensorRT could not create an execution context for {path}")
         self.role = role
-        self.stream = cuda.Stream()
+        self.cuda_stream = cuda.Stream()
         self.lock = threading.Lock()
         self.tensors: dict[str, TensorRecord] = {}
         max_batch = profile_max_batch
@@ -136,10 +137,10 @@ class EngineRunner:
                     raise BackendError(f"{self.role}: set_input_shape({name!r}, batch {batch}) was refused; "
                                        f"the engine's profile allows batch 1..{self.max_batch}")
                 if isinstance(array, np.ndarray):
-                    record.buffer.upload(array, self.stream)
+                    record.buffer.upload(array, self.cuda_stream)
                 else:  # already on the device: a device-to-device copy, nothing crosses the bus
-                    record.buffer.copy_from_device(array.data.ptr, array.nbytes, self.stream)
-            if not self.context.execute_async_v3(int(self.stream.handle)):
+                    record.buffer.copy_from_device(array.data.ptr, array.nbytes, self.cuda_stream)
+            if not self.context.execute_async_v3(int(self.cuda_stream.handle)):
                 raise BackendError(f"{self.role}: execute_async_v3 failed (see the TensorRT log above)")
             results = {}
             for record in self.tensors.values():
@@ -149,18 +150,18 @@ class EngineRunner:
                     target = device_outputs[record.name]
                     cuda.check(cuda.runtime().cudaMemcpyAsync(
                         target.data.ptr, record.buffer.ptr, target.nbytes,
-                        cuda.runtime().cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream.handle),
+                        cuda.runtime().cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.cuda_stream.handle),
                         "cudaMemcpyAsync(device to device)")
                 else:
                     results[record.name] = np.empty((batch,) + record.sample_shape, record.dtype)
-                    record.buffer.download(results[record.name], self.stream)
-            self.stream.synchronize()  # the host arrays are only valid after this
+                    record.buffer.download(results[record.name], self.cuda_stream)
+            self.cuda_stream.synchronize()  # the host arrays are only valid after this
         return results
 
     def free(self) -> None:
         for record in self.tensors.values():
             record.buffer.free()
-        self.stream.destroy()
+        self.cuda_stream.destroy()
         self.context = None
         self.engine = None
 
@@ -212,19 +213,19 @@ class TensorRTBackend(Backend):
     def run(self, model, inputs):
         return self._runners[model].run(inputs)
 
-    def latent_stream(self, seed):
+    def latent_sampler(self, seed):
         if self._cupy is None:
-            return super().latent_stream(seed)
-        return cuda.DeviceLatentStream(seed, self.device_id)
+            return super().latent_sampler(seed)
+        return cuda.DeviceLatentSampler(seed, self.device_id)
 
-    def convert(self, conditions, samples_per_condition, stream, temperature, max_batch):
+    def convert(self, conditions, samples_per_condition, sampler, temperature, max_batch):
         if self._cupy is None:  # host noise, one upload per chunk through the runner's buffers
-            return super().convert(conditions, samples_per_condition, stream, temperature, max_batch)
+            return super().convert(conditions, samples_per_condition, sampler, temperature, max_batch)
         cp = self._cupy
         size, total = self.image_size, conditions.shape[0] * samples_per_condition
         runner = self._runners["convertor"]
         with cp.cuda.Device(self.device_id):
-            latents = stream.draw(total, self.latent_dim, temperature)  # (B * n, D) on the device
+            latents = sampler.draw(total, self.latent_dim, temperature)  # (B * n, D) on the device
             device_conditions = cp.asarray(conditions)
             out = cp.empty((total, 1, size, size), dtype=cp.float32)
             for start in range(0, total, max_batch):
