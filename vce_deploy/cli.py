@@ -1,4 +1,4 @@
-"""The `vce` command: convert, inspect, verify, bench.
+"""The `vce` command: convert, inspect, verify, build, bench.
 
 Exit codes: 0 ok, 1 error (a one-line message on stderr), 2 bad usage (argparse).
 """
@@ -48,9 +48,26 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("bundle")
     verify.add_argument("--batch", type=int, default=8, help="inputs compared per model (default 8)")
 
+    _add_build_parser(commands)
+
     bench = commands.add_parser("bench", help="the latency benchmark (bench/latency.py)")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to bench/latency.py")
     return parser
+
+
+def _add_build_parser(commands) -> None:
+    from .engine_build import add_arguments
+
+    build = commands.add_parser("build", help="build TensorRT engines on this GPU (needs tensorrt, never torch)",
+                                description="Build TensorRT engines from one precision of a bundle, on and for this "
+                                            "GPU and TensorRT version, into the engine cache (docs/edge.md).")
+    add_arguments(build)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .engine_build import run
+
+    return run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
     except SystemExit as stop:  # argparse: 2 for bad usage, 0 after --help
         return int(stop.code or 0)
-    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "bench": cmd_bench}
+    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "bench": cmd_bench,
+                "build": cmd_build}
     try:
         return handlers[args.command](args)
     except (VCEError, OSError) as err:  # OSError: an output that cannot be written, a full disk
@@ -108,7 +126,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if entry.inputs or entry.outputs:
             print(f"      {_specs(entry.inputs)} -> {_specs(entry.outputs)}")
     engines = [e for e in m.files.values() if e.engine is not None]
-    print("engines:" if engines else "engines: none (build them with `python -m export.tensorrt BUNDLE ...`)")
+    print("engines:" if engines else "engines: none in the bundle (`vce build BUNDLE` builds them into the engine cache)")
     for entry in engines:
         info = entry.engine
         print(f"  {entry.path}: TensorRT {info.tensorrt_version}, compute capability {info.compute_capability}"

@@ -7,6 +7,7 @@ that would exercise it skip with that reason.
 """
 from __future__ import annotations
 
+import ctypes
 from functools import lru_cache
 
 import numpy as np
@@ -54,6 +55,12 @@ def device_index(device: str) -> int:
     return int(device.split(":", 1)[1]) if ":" in device else 0
 
 
+def set_device(device_id: int) -> None:
+    """Make device_id current for the calling host thread. CUDA's current device is per thread,
+    so every call that touches device memory or a stream sets it first, on its own thread."""
+    check(runtime().cudaSetDevice(device_id), f"cudaSetDevice({device_id})")
+
+
 def device_properties(device_id: int) -> tuple[str, str]:
     """(GPU name, compute capability "major.minor") of one device."""
     props = check(runtime().cudaGetDeviceProperties(device_id), f"cudaGetDeviceProperties({device_id})")
@@ -62,10 +69,14 @@ def device_properties(device_id: int) -> tuple[str, str]:
 
 
 class Stream:
-    """One CUDA stream, owned: destroy() releases it."""
+    """One non-blocking CUDA stream, owned: destroy() releases it. Non-blocking: it does not
+    wait on the legacy default stream, so other libraries' default-stream work (CuPy, a
+    framework in the same process) does not serialise with it."""
 
     def __init__(self):
-        self.handle = check(runtime().cudaStreamCreate(), "cudaStreamCreate")
+        cudart = runtime()
+        self.handle = check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
+                            "cudaStreamCreateWithFlags(cudaStreamNonBlocking)")
 
     def synchronize(self) -> None:
         check(runtime().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
@@ -76,6 +87,13 @@ class Stream:
             self.handle = None
 
 
+def copy_async(dst: int, src: int, nbytes: int, kind: str, stream: "Stream") -> None:
+    """cudaMemcpyAsync of nbytes on `stream`; kind: "HostToDevice", "DeviceToHost", "DeviceToDevice"."""
+    cudart = runtime()
+    check(cudart.cudaMemcpyAsync(dst, src, nbytes, getattr(cudart.cudaMemcpyKind, f"cudaMemcpy{kind}"),
+                                 stream.handle), f"cudaMemcpyAsync({kind})")
+
+
 class DeviceBuffer:
     """nbytes of device memory, owned: free() releases it (idempotent)."""
 
@@ -83,31 +101,34 @@ class DeviceBuffer:
         self.nbytes = nbytes
         self.ptr = int(check(runtime().cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
 
-    def upload(self, host: np.ndarray, stream: Stream) -> None:
-        host = np.ascontiguousarray(host)
-        if host.nbytes > self.nbytes:
-            raise BackendError(f"upload of {host.nbytes} bytes into a {self.nbytes}-byte device buffer")
-        cudart = runtime()
-        check(cudart.cudaMemcpyAsync(self.ptr, host.ctypes.data, host.nbytes,
-                                     cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle),
-              "cudaMemcpyAsync(host to device)")
-
-    def copy_from_device(self, source_ptr: int, nbytes: int, stream: Stream) -> None:
-        cudart = runtime()
-        check(cudart.cudaMemcpyAsync(self.ptr, source_ptr, nbytes,
-                                     cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle),
-              "cudaMemcpyAsync(device to device)")
-
-    def download(self, host: np.ndarray, stream: Stream) -> None:
-        """Copy into `host` (C-contiguous); the caller synchronises the stream before reading it."""
-        cudart = runtime()
-        check(cudart.cudaMemcpyAsync(host.ctypes.data, self.ptr, host.nbytes,
-                                     cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle),
-              "cudaMemcpyAsync(device to host)")
-
     def free(self) -> None:
         if self.ptr:
             check(runtime().cudaFree(self.ptr), "cudaFree")
+            self.ptr = 0
+
+
+class PinnedBuffer:
+    """nbytes of page-locked host memory, owned: free() releases it. Copies from pageable
+    memory are staged by the driver and run synchronously; from pinned memory
+    cudaMemcpyAsync is truly asynchronous and runs at full bus speed."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.ptr = int(check(runtime().cudaHostAlloc(nbytes, 0), f"cudaHostAlloc({nbytes})"))  # 0: cudaHostAllocDefault
+
+    def view(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        """A numpy array over the first bytes of the buffer (no copy)."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape))
+        if count * dtype.itemsize > self.nbytes:
+            raise BackendError(f"a {shape} {dtype} view needs {count * dtype.itemsize} bytes; the pinned buffer "
+                               f"has {self.nbytes}")
+        raw = (ctypes.c_byte * (count * dtype.itemsize)).from_address(self.ptr)
+        return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+    def free(self) -> None:
+        if self.ptr:
+            check(runtime().cudaFreeHost(self.ptr), "cudaFreeHost")
             self.ptr = 0
 
 
