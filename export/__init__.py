@@ -4,7 +4,8 @@ One module per step, each validating its own output:
   onnx_export.py  torch.onnx (dynamo) export, onnx.checker, strict shape inference, onnxslim
   quantize.py     fp16 (float32 I/O) and int8 QDQ calibrated on real training images
   parity.py       ONNX Runtime against eager PyTorch; every mismatch raised together
-  tensorrt.py     bundle precision -> serialized TensorRT engine (a separate command)
+  golden.py       real glyphs, fixed noise and eager fp32 outputs, for `vce verify` on a device
+  (TensorRT engines are built on the device by the runtime's `vce build`)
 
 The bundle is built in a temporary sibling directory and swapped into place only after the
 parity report passed and the finished bundle verified, so a failed or killed export leaves the
@@ -143,6 +144,7 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
     from train.data import DEFAULT_DATA_DIR, load_test, load_train
     from vce_deploy.checkpoint import load_model
 
+    from .golden import GOLDEN_FILE, check_golden, write_golden
     from .onnx_export import export_onnx
     from .parity import TorchReference, run_parity
     from .quantize import calibration_batches, to_fp16, to_int8
@@ -187,6 +189,7 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
         if measure_nll:
             metrics["nll"] = _nll_metrics(runners, test, nll_subset, nll_k, nll_seed, log)
         entries = _entries(stage, precisions, size, latent)
+        entries[GOLDEN_FILE] = write_golden(stage, reference, test.images, latent)  # export/golden.py
         manifest = Manifest(
             format_version=FORMAT_VERSION, image_size=size, latent_dim=latent, latent_layout=LATENT_LAYOUT,
             preprocessing=PREPROCESSING, files=entries, model_config=meta.get("model_config", {}),
@@ -194,6 +197,7 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
             exporter=exporter)
         write_manifest(stage, manifest)
         Bundle.load(stage, verify=True)  # the bundle reads back and every hash matches
+        check_golden(stage, log)  # and passes the runtime's own check, the one `vce verify` runs
         paths = {rel: e.sha256 for rel, e in entries.items()}
     log(f"bundle written: {out} ({len(paths)} files)")
     return out

@@ -28,8 +28,8 @@ from .fsio import atomic_write_bytes, current_umask
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")
-ROLES = ("encoder", "convertor", "checkpoint", "checkpoint-meta")
-FORMATS = ("onnx", "tensorrt", "safetensors", "json")
+ROLES = ("encoder", "convertor", "checkpoint", "checkpoint-meta", "golden")
+FORMATS = ("onnx", "tensorrt", "safetensors", "json", "npz")
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "default_bundle"
 # The manifest seals itself: "manifest_sha256" is the sha256 of manifest.json's bytes with that
 # value replaced by 64 zeros, so one changed byte anywhere in the manifest is refused too.

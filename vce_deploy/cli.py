@@ -44,8 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("bundle")
     inspect.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
-    verify = commands.add_parser("verify", help="check hashes, and parity against the checkpoint when it is there")
-    verify.add_argument("bundle")
+    verify = commands.add_parser("verify", help="check hashes, golden outputs on every backend here, and parity "
+                                                      "against the checkpoint when torch is there")
+    verify.add_argument("bundle", nargs="?", default=None, help="bundle directory (default: the shipped bundle)")
     verify.add_argument("--batch", type=int, default=8, help="inputs compared per model (default 8)")
 
     _add_build_parser(commands)
@@ -150,10 +151,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 2
     bundle = Bundle.load(args.bundle, verify=True)  # raises BundleError on a missing or changed file
     print(f"hashes: {len(bundle.manifest.files)} files match the manifest")
+    golden_failed = _verify_golden(bundle)
     problem = BACKENDS["torch"].unavailable(bundle, "fp32", "cpu")
     if problem is not None:
-        print(f"parity: skipped ({problem})")
-        return 0
+        print(f"parity against the checkpoint: skipped ({problem})")
+        if golden_failed is None:
+            print("vce verify: error: no outputs were checked: the bundle has no golden outputs (re-export it, or "
+                  "`python -m export.golden BUNDLE`) and the torch parity check cannot run", file=sys.stderr)
+            return 1
+        return 1 if golden_failed else 0
     reference = Converter.load(bundle.path, backend="torch", device="cpu")
     inputs = _parity_inputs(args.batch, bundle.manifest.latent_dim, bundle.manifest.image_size)
     expected = _outputs(reference, inputs)
@@ -171,10 +177,24 @@ def cmd_verify(args: argparse.Namespace) -> int:
         limit = f" (tolerance {tolerance.atol:g} + {tolerance.rtol:g}*|torch|)"
         print(f"parity {precision}: max |onnxruntime - torch| "
               + ", ".join(f"{name} {value:.2e}" for name, value in diffs.items()) + f"{limit}: {verdict}")
-    engines = bundle.entries(format="tensorrt")
-    if engines:
-        print(f"engines: {len(engines)} listed; hashes checked, outputs not compared here")
-    return 1 if failed else 0
+    return 1 if failed or golden_failed else 0
+
+
+def _verify_golden(bundle) -> bool | None:
+    """Every precision and engine runnable here against the bundle's golden outputs (no torch
+    needed): True if any failed, None if the bundle has no golden set. vce_deploy/golden.py."""
+    from .golden import load_golden, verify_golden
+
+    golden = load_golden(bundle)
+    if golden is None:
+        print("golden: none in this bundle (exported before golden outputs existed)")
+        return None
+    results = verify_golden(bundle, golden)
+    for result in results:
+        print(result.line())
+    ran = sum(r.status != "skipped" for r in results)
+    print(f"golden: {golden.count} real glyph pairs; {ran} of {len(results)} backend/precision pairs ran here")
+    return any(r.status == "FAILED" for r in results)
 
 
 def _parity_inputs(batch: int, latent_dim: int, size: int) -> dict[str, np.ndarray]:
