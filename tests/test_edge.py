@@ -8,6 +8,7 @@ import json
 import shutil
 import stat
 import threading
+import types
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +232,93 @@ def test_export_tensorrt_forwards_to_vce_build(shared_bundle, cache, monkeypatch
     fakegpu.install(monkeypatch)
     assert main([str(shared_bundle), "--precision", "fp32"]) == 0
     assert len(list(cache.rglob("*.plan"))) == 2
+
+
+# -- ONNX Runtime on edge GPUs -------------------------------------------------------------------
+
+class _OrtWithGpuProviders:
+    """The real onnxruntime, claiming TensorRT and CUDA providers: sessions run on the CPU,
+    and the providers each was asked for are recorded."""
+
+    def __init__(self, providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+                 fail_with: Exception | None = None):
+        import onnxruntime
+
+        self.real, self.available, self.fail_with = onnxruntime, list(providers), fail_with
+        self.requested: list = []
+        self.__version__ = onnxruntime.__version__
+        for name in ("SessionOptions", "GraphOptimizationLevel", "ExecutionMode"):
+            setattr(self, name, getattr(onnxruntime, name))
+
+    def get_available_providers(self):
+        return self.available
+
+    def InferenceSession(self, model, options, providers):  # noqa: N802 - ORT's name
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.requested.append(providers)
+        session = self.real.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        claimed = [p if isinstance(p, str) else p[0] for p in providers]
+        return types.SimpleNamespace(run=session.run, get_inputs=session.get_inputs, get_outputs=session.get_outputs,
+                                     io_binding=session.io_binding, get_providers=lambda: claimed)
+
+
+def test_ort_tensorrt_provider_caches_engines_and_timings_per_gpu(cache, monkeypatch):
+    from vce_deploy.backends import onnxruntime as ort_backend
+
+    fakegpu.install(monkeypatch)
+    fake = _OrtWithGpuProviders()
+    monkeypatch.setattr(ort_backend, "_ort", lambda: fake)
+    conv = Converter.load(backend="onnxruntime", device="cuda:0")
+    (trt_name, options), (cuda_name, cuda_options), cpu = fake.requested[0]
+    assert (trt_name, cuda_name, cpu) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+    where = cache / f"onnxruntime-{fake.__version__}" / "nvidia-jetson-agx-orin-sm87"
+    assert options == {"device_id": 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(where),
+                       "trt_timing_cache_enable": True, "trt_timing_cache_path": str(where)}
+    assert where.is_dir() and cuda_options == {"device_id": 0}
+    assert conv.convert(glyphs(1), n=2, seed=0).shape == (1, 2, 28, 28)
+
+
+def test_jetson_gpu_is_found_without_the_discrete_driver_listing(tmp_path, monkeypatch):
+    from vce_deploy.backends import cuda
+
+    monkeypatch.setattr(cuda, "gpu_count", lambda: 0)  # no cuda-python
+    assert not cuda.gpu_visible(tmp_path)
+    orin = tmp_path / "orin"
+    (orin / "dev/nvgpu/igpu0").mkdir(parents=True)
+    assert cuda.gpu_visible(orin)
+    tree = tmp_path / "tree"
+    (tree / "proc/device-tree").mkdir(parents=True)
+    (tree / "proc/device-tree/compatible").write_bytes(b"nvidia,p3737-0000+p3701-0005\0nvidia,tegra234\0")
+    assert cuda.gpu_visible(tree)
+    desktop = tmp_path / "desktop"
+    (desktop / "proc/driver/nvidia/gpus/0000:01:00.0").mkdir(parents=True)
+    assert cuda.gpu_visible(desktop)
+
+
+def test_both_onnxruntime_wheels_installed_is_named_with_the_fix(monkeypatch):
+    from vce_deploy.backends import onnxruntime as ort_backend
+
+    assert [name for name, _ in ort_backend.installed_distributions()] == ["onnxruntime"]  # this machine
+    monkeypatch.setattr(ort_backend, "installed_distributions",
+                        lambda: [("onnxruntime", "1.20.1"), ("onnxruntime-gpu", "1.20.1")])
+    monkeypatch.setattr(ort_backend, "_ort", lambda: _OrtWithGpuProviders(providers=["CPUExecutionProvider"]))
+    problem = ort_backend.OnnxRuntimeBackend.unavailable(Bundle.load(DEFAULT_BUNDLE), "fp32", "cuda")
+    assert "onnxruntime 1.20.1 and onnxruntime-gpu 1.20.1 are all installed" in str(problem)
+    assert "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu" in str(problem)
+    conv = Converter.load(backend="onnxruntime", device="cpu")
+    assert "warning: onnxruntime 1.20.1 and onnxruntime-gpu 1.20.1" in conv.backend.detail
+
+
+def test_a_cpu_load_failure_is_not_called_a_broken_bundle(monkeypatch):
+    from vce_deploy.backends import onnxruntime as ort_backend
+    from vce_deploy.errors import BundleError
+
+    Fail = type("Fail", (RuntimeError,), {})  # noqa: N806 - onnxruntime's own exception name
+    fake = _OrtWithGpuProviders(fail_with=Fail("[ONNXRuntimeError] : 1 : FAIL : Opset 23 is under development"))
+    monkeypatch.setattr(ort_backend, "_ort", lambda: fake)
+    with pytest.raises(BackendError) as err:
+        Converter.load(backend="onnxruntime", device="cpu")
+    assert not isinstance(err.value, BundleError)
+    assert f"onnxruntime {fake.__version__} could not load" in str(err.value) and "Opset 23" in str(err.value)
+    assert "matches its sha256" in str(err.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -48,6 +49,36 @@ def gpu_count() -> int:
         return int(check(runtime().cudaGetDeviceCount(), "cudaGetDeviceCount"))
     except BackendError:
         return 0
+
+
+# Jetson's integrated GPU has no /proc/driver/nvidia/gpus (that is the discrete-GPU driver's
+# listing): its nvgpu driver shows device nodes and a platform device instead (docs/edge.md)
+TEGRA_GPU_NODES = ("dev/nvgpu/igpu0", "dev/nvhost-gpu", "dev/nvhost-ctrl-gpu", "sys/devices/gpu.0",
+                   "sys/devices/platform/gpu.0")
+DEVICE_TREE_COMPATIBLE = ("proc/device-tree/compatible", "sys/firmware/devicetree/base/compatible")
+
+
+def gpu_visible(root: Path = Path("/")) -> bool:
+    """Whether an NVIDIA GPU is there, even without cuda-python: CUDA says so, or the discrete
+    driver lists one, or this is a Jetson (Tegra) with its integrated GPU."""
+    if gpu_count() > 0:
+        return True
+    listing = root / "proc/driver/nvidia/gpus"
+    if listing.is_dir() and any(listing.iterdir()):
+        return True
+    return tegra_gpu(root)
+
+
+def tegra_gpu(root: Path = Path("/")) -> bool:
+    if any((root / node).exists() for node in TEGRA_GPU_NODES):
+        return True
+    for name in DEVICE_TREE_COMPATIBLE:  # NUL-separated strings such as "nvidia,p3737-0000\0nvidia,tegra234"
+        try:
+            if b"nvidia,tegra" in (root / name).read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def device_index(device: str) -> int:
