@@ -1,11 +1,27 @@
-"""Eager PyTorch on the bundle's checkpoint: the reference every exported graph is judged by.
+"""Eager PyTorch on the bundle's checkpoint: the reference every exported graph is judged by,
+on the CPU, and on a CUDA GPU with CUDA graphs.
 
 torch is imported here, on construction, and nowhere else in the runtime.
+
+On CUDA: each (model, batch size) is captured once as a CUDA graph (static input and output
+tensors, replayed per call: one launch instead of ~40 kernel launches per batch), up to
+MAX_GRAPHS shapes, eager beyond that. Noise is drawn on the device (CuPy's Philox if CuPy is
+installed, else torch's CUDA generator), conditions are gathered there and the B * n outputs
+cross the bus once. A graph's static buffers are shared, so each replay holds that graph's
+lock; the CUDA path is written to the documented torch.cuda API and has NOT run on a GPU here
+(scripts/gpu_check.sh is the check to run where one is).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
+from ..contract import MODELS
 from ..errors import BackendError, BundleError
-from .base import MODELS, Backend
+from .base import Backend, LatentStream, batch_slices
+from . import cuda
+
+MAX_GRAPHS = 16  # distinct (model, batch) shapes captured; a serving loop uses one or two
 
 
 def _torch():
@@ -14,6 +30,47 @@ def _torch():
     except ImportError as err:
         raise BackendError("the torch backend needs PyTorch: expected `pip install 'vce-deploy[torch]'`") from err
     return torch
+
+
+class TorchLatentStream:
+    """Standard-normal latents from torch's generator on a CUDA device (when CuPy is absent)."""
+
+    def __init__(self, torch, seed: int | None, device: str):
+        self.torch, self.device = torch, device
+        self._generator = torch.Generator(device=device)
+        if seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(seed)
+
+    def draw(self, count: int, latent_dim: int, temperature: float):
+        eps = self.torch.randn((count, latent_dim), generator=self._generator, device=self.device)  # (count, D)
+        return eps if temperature == 1.0 else eps * temperature
+
+
+class GraphRunner:
+    """One model at one batch size, captured as a CUDA graph over static tensors."""
+
+    def __init__(self, torch, forward, example: dict):
+        self.lock = threading.Lock()
+        self.inputs = {name: tensor.clone() for name, tensor in example.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):  # warm-up outside the capture: cuDNN picks its algorithms here
+                forward(**self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads may keep running eager kernels while this one captures
+        with torch.inference_mode(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs = forward(**self.inputs)
+
+    def __call__(self, inputs: dict) -> dict:
+        with self.lock:
+            for name, tensor in inputs.items():
+                self.inputs[name].copy_(tensor, non_blocking=True)
+            self.graph.replay()
+            return {name: out.clone() for name, out in self.outputs.items()}  # the statics are reused next call
 
 
 class TorchBackend(Backend):
@@ -34,7 +91,7 @@ class TorchBackend(Backend):
             return BackendError(f"device {device!r} requested, but this PyTorch sees no CUDA GPU")
         return None
 
-    def __init__(self, bundle, precision, device, threads):
+    def __init__(self, bundle, precision, device, threads, cuda_graphs: bool = True):
         super().__init__(bundle, precision, device, threads)
         problem = self.unavailable(bundle, precision, device)
         if problem is not None:
@@ -51,20 +108,81 @@ class TorchBackend(Backend):
         if (config.image_size, config.latent_dim) != (self.image_size, self.latent_dim):
             raise BundleError(f"{bundle.checkpoint}: checkpoint has image_size {config.image_size}, latent_dim "
                               f"{config.latent_dim}; the manifest says {self.image_size}, {self.latent_dim}")
-        self._model = model.to(device)
+        self._model = model.to(device).eval()
         self._step = meta.get("step")
+        self.on_gpu = device.startswith("cuda")
+        self.device_id = cuda.device_index(device) if self.on_gpu else 0
+        self._use_graphs = self.on_gpu and cuda_graphs
+        self._graphs: dict[tuple[str, int], GraphRunner] = {}
+        self._capture_lock = threading.Lock()
+        self._cupy = cuda.cupy_or_none() if self.on_gpu else None
+
+    # -- one batch on the device -------------------------------------------------------------
+
+    def _forward(self, model: str):
+        if model == "encoder":
+            return lambda x, q: dict(zip(("mu", "logvar"), self._model.encoder(x, q)))
+        if model == "convertor":
+            return lambda z, q: {"y": self._model.convertor(z, q)}
+        raise BackendError(f"expected model in {MODELS}, got {model!r}")
+
+    def _run_tensors(self, model: str, tensors: dict) -> dict:
+        """Device tensors in, device tensors out: a replayed CUDA graph when one fits."""
+        forward = self._forward(model)
+        if not self._use_graphs:
+            with self._torch.inference_mode():
+                return forward(**tensors)
+        key = (model, next(iter(tensors.values())).shape[0])
+        runner = self._graphs.get(key)
+        if runner is None:
+            with self._capture_lock:
+                runner = self._graphs.get(key)
+                if runner is None and len(self._graphs) < MAX_GRAPHS:
+                    runner = self._graphs[key] = GraphRunner(self._torch, forward, tensors)
+        if runner is None:
+            with self._torch.inference_mode():
+                return forward(**tensors)
+        return runner(tensors)
 
     def run(self, model, inputs):
         torch = self._torch
-        with torch.inference_mode():
-            tensors = {name: torch.from_numpy(array).to(self.device) for name, array in inputs.items()}
-            if model == "encoder":
-                mu, logvar = self._model.encoder(tensors["x"], tensors["q"])
-                return {"mu": mu.cpu().numpy(), "logvar": logvar.cpu().numpy()}
-            if model == "convertor":
-                return {"y": self._model.convertor(tensors["z"], tensors["q"]).cpu().numpy()}
-        raise BackendError(f"expected model in {MODELS}, got {model!r}")
+        with torch.cuda.device(self.device_id) if self.on_gpu else contextlib.nullcontext():
+            tensors = {name: torch.from_numpy(array).to(self.device, non_blocking=True)
+                       for name, array in inputs.items()}
+            return {name: out.cpu().numpy() for name, out in self._run_tensors(model, tensors).items()}
+
+    # -- GPU: noise, conditions and outputs stay on the device ------------------------------
+
+    def latent_stream(self, seed):
+        if not self.on_gpu:
+            return LatentStream(seed)
+        if self._cupy is not None:
+            return cuda.DeviceLatentStream(seed, self.device_id)
+        return TorchLatentStream(self._torch, seed, self.device)
+
+    def convert(self, conditions, samples_per_condition, stream, temperature, max_batch):
+        if not self.on_gpu:
+            return super().convert(conditions, samples_per_condition, stream, temperature, max_batch)
+        torch = self._torch
+        total = conditions.shape[0] * samples_per_condition
+        with torch.cuda.device(self.device_id):
+            latents = stream.draw(total, self.latent_dim, temperature)  # (B * n, D) on the device
+            if not isinstance(latents, torch.Tensor):
+                latents = torch.from_dlpack(latents)  # CuPy -> torch, no copy (DLPack orders the streams)
+            device_conditions = torch.from_numpy(conditions).to(self.device)  # the B conditions cross once
+            out = torch.empty((total, 1, self.image_size, self.image_size), device=self.device)
+            for start, stop in batch_slices(total, max_batch):
+                rows = torch.arange(start, stop, device=self.device) // samples_per_condition
+                chunk = {"z": latents[start:stop].contiguous(), "q": device_conditions[rows]}
+                out[start:stop] = self._run_tensors("convertor", chunk)["y"]
+            return out.cpu().numpy()  # the one copy back, and the one wait
 
     def describe(self) -> str:
-        return (f"eager torch {self._torch.__version__} on {self.device}, checkpoint step {self._step}, "
-                f"{self._torch.get_num_threads()} threads, noise drawn on the host")
+        if not self.on_gpu:
+            return (f"eager torch {self._torch.__version__} on cpu, checkpoint step {self._step}, "
+                    f"{self._torch.get_num_threads()} threads, noise drawn on the host")
+        noise = "CuPy" if self._cupy is not None else "torch.cuda"
+        graphs = f"CUDA graphs per batch size (up to {MAX_GRAPHS})" if self._use_graphs else "eager"
+        return (f"torch {self._torch.__version__} on {self._torch.cuda.get_device_name(self.device_id)}, "
+                f"{graphs}, checkpoint step {self._step}, noise drawn on the device ({noise})")
+
