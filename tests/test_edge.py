@@ -183,11 +183,11 @@ def test_host_copies_are_pinned_on_a_non_blocking_stream_with_one_wait_per_chunk
 
 def test_version_and_hardware_compatible_engines_run_on_later_tensorrt_and_other_gpus(shared_bundle, cache,
                                                                                       monkeypatch):
-    fakegpu.install(monkeypatch, devices=[ORIN], version="10.3.0")
+    fakegpu.install(monkeypatch, devices=[("NVIDIA A100", 8, 0)], version="10.3.0")  # discrete: hw-compat allowed
     assert build(shared_bundle, "--precision", "fp32") == 0
     assert build(shared_bundle, "--precision", "fp16", "--version-compatible", "--hardware-compatible") == 0
     fakegpu.install(monkeypatch, devices=[("NVIDIA L4", 8, 9)], version="10.8.0")
-    with pytest.raises(EngineMismatchError, match=r"only for trt-10\.3\.0/nvidia-jetson-agx-orin-sm87; this is TensorRT 10\.8\.0 on NVIDIA L4 "
+    with pytest.raises(EngineMismatchError, match=r"only for trt-10\.3\.0/nvidia-a100-sm80; this is TensorRT 10\.8\.0 on NVIDIA L4 "
                        r"\(compute capability 8\.9\)\. Rebuild it here with `vce build .* --precision fp32`"):
         Converter.load(shared_bundle, backend="tensorrt", precision="fp32")
     conv = Converter.load(shared_bundle, backend="tensorrt", precision="fp16")
@@ -322,3 +322,23 @@ def test_a_cpu_load_failure_is_not_called_a_broken_bundle(monkeypatch):
     assert not isinstance(err.value, BundleError)
     assert f"onnxruntime {fake.__version__} could not load" in str(err.value) and "Opset 23" in str(err.value)
     assert "matches its sha256" in str(err.value)
+
+
+def test_hardware_compatible_is_refused_on_jetson(shared_bundle, cache, monkeypatch, capsys):
+    from vce_deploy.backends import cuda
+
+    fakegpu.install(monkeypatch)
+    monkeypatch.setattr(cuda, "tegra_gpu", lambda root=None: True)
+    assert build(shared_bundle, "--hardware-compatible") == 1
+    assert "not on JetPack" in capsys.readouterr().err
+    assert not list(cache.rglob("*.plan"))
+
+
+def test_a_version_compatible_engine_of_tensorrt_10_runs_on_tensorrt_11(shared_bundle, cache, monkeypatch):
+    fakegpu.install(monkeypatch, version="10.9.0")
+    assert build(shared_bundle, "--precision", "fp32", "--version-compatible") == 0
+    fakegpu.install(monkeypatch, version="11.0.1")
+    assert Converter.load(shared_bundle, backend="tensorrt").engine._runtime.engine_host_code_allowed
+    fakegpu.install(monkeypatch, version="10.3.0")  # older than the builder: refused
+    with pytest.raises(BackendError, match="no TensorRT engine at fp32|built for"):
+        Converter.load(shared_bundle, backend="tensorrt")

@@ -164,6 +164,11 @@ def build_engines(bundle_path, precision: str, min_batch: int = 1, opt_batch: in
     bundle = Bundle.load(bundle_path, verify=True)
     entries = {role: bundle.model_entry(role, precision, "onnx") for role in MODELS}
     target = load_target(device)
+    from .backends import cuda
+
+    if hardware_compatible and cuda.tegra_gpu():
+        raise BackendError("--hardware-compatible: TensorRT supports hardware compatibility on discrete Ampere-or-newer "
+                           "GPUs, not on JetPack; build a plain engine on each Jetson (docs/edge.md)")
     trt_version = target.trt.__version__
     root = Path(cache_dir) if cache_dir is not None else engine_cache.default_cache_dir()
     timing_cache = Path(timing_cache) if timing_cache else engine_cache.timing_cache_path(

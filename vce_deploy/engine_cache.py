@@ -5,7 +5,7 @@ the bundle, so a read-only or shared bundle still gets engines (docs/edge.md).
       trt-10.3.0/nvidia-jetson-agx-orin-sm87/
         timing.cache                                   one per TensorRT version and GPU
         onnx-<sha256 of the ONNX file>/convertor.fp16.plan  + convertor.fp16.json (its record)
-      trt-10.x/...           version-compatible engines (any TensorRT 10 at or after the builder's)
+      trt-10.x/...           version-compatible engines (any TensorRT at or after the builder's)
       .../ampere-plus/...    hardware-compatible engines (any GPU of compute capability >= 8.0)
 
 An engine is keyed by the sha256 of the ONNX file it was built from, so two bundles with the
@@ -67,11 +67,12 @@ def timing_cache_path(root: Path, trt_version: str, gpu_name: str, capability: s
 def compatibility_problem(info: EngineInfo, trt_version: str, gpu_name: str, capability: str) -> str | None:
     """Why an engine built as `info` cannot run on this TensorRT and GPU, or None."""
     same_version = info.tensorrt_version == trt_version
-    later_same_major = (info.version_compatible and _version(info.tensorrt_version)[0] == _version(trt_version)[0]
-                        and _version(info.tensorrt_version) <= _version(trt_version))
+    # version-compatible plans run on the same or any later TensorRT (TensorRT 11's docs: "engines
+    # built with TensorRT 10 work with TensorRT 11"), never on an older one
+    later = info.version_compatible and _version(info.tensorrt_version) <= _version(trt_version)
     same_gpu = info.compute_capability == capability
     ampere_plus = info.hardware_compatible and _capability(capability) >= HARDWARE_COMPATIBLE_MIN_CAPABILITY
-    if (same_version or later_same_major) and (same_gpu or ampere_plus):
+    if (same_version or later) and (same_gpu or ampere_plus):
         return None
     return (f"built for TensorRT {info.tensorrt_version} on compute capability {info.compute_capability} "
             f"({info.gpu_name or 'unnamed GPU'}); this is TensorRT {trt_version} on {gpu_name} "
@@ -118,10 +119,14 @@ def lookup(root: Path, onnx_sha256: str, role: str, precision: str, trt_version:
     """The first cached engine of this graph that runs here (exact build first, then the
     compatible kinds), and the reasons the others found do not."""
     rejected = []
-    for version_compatible in (False, True):
-        for hardware_compatible in (False, True):
-            folder = target_dir(root, trt_version, gpu_name, capability, version_compatible,
-                                hardware_compatible) / f"onnx-{onnx_sha256}"
+    exact = f"trt-{trt_version}"
+    # version-compatible builds of this major first, then of earlier majors
+    compatible = sorted((p.name for p in Path(root).glob("trt-*.x") if _version(p.name)[0] <= _version(trt_version)[0]),
+                        key=lambda name: -_version(name)[0])
+    gpus = [gpu_key(gpu_name, capability), HARDWARE_COMPATIBLE_KEY]
+    for trt_dir in [exact, *compatible]:
+        for gpu_dir in gpus:
+            folder = Path(root) / trt_dir / gpu_dir / f"onnx-{onnx_sha256}"
             plan_name, record_name = _names(role, precision)
             try:
                 record = json.loads((folder / record_name).read_text())
