@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendError, BundleError
-from .base import MODELS, Backend, LatentStream, check_entry_io, compare_io, physical_cores
+from .base import MODELS, Backend, LatentStream, batch_slices, check_entry_io, compare_io, physical_cores
 from . import cuda
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -183,21 +183,20 @@ class OnnxRuntimeBackend(Backend):
         total = conditions.shape[0] * samples_per_condition
         session = self._sessions["convertor"]
         with cp.cuda.Device(device_id):
-            latents = stream.draw(total, self.latent_dim, temperature)  # (B * n, D) on the device
+            latents = cp.ascontiguousarray(stream.draw(total, self.latent_dim, temperature))  # (B * n, D)
             device_conditions = cp.asarray(conditions)  # the B conditions cross the bus once
+            gathered = device_conditions[cp.arange(total) // samples_per_condition]  # (B * n, 1, S, S), contiguous
             out = cp.empty((total, 1, size, size), dtype=cp.float32)
-            for start in range(0, total, max_batch):
-                stop = min(start + max_batch, total)
-                rows = cp.arange(start, stop) // samples_per_condition
-                q_chunk = cp.ascontiguousarray(device_conditions[rows])  # (chunk, 1, S, S)
-                z_chunk = cp.ascontiguousarray(latents[start:stop])  # (chunk, D)
-                y_chunk = out[start:stop]  # a contiguous row range of out: ORT writes in place
+            # ORT computes on its own stream: CuPy's writes land before it reads them. One wait for
+            # all chunks here, instead of one per chunk on top of the wait inside each ORT run.
+            cp.cuda.get_current_stream().synchronize()
+            for start, stop in batch_slices(total, max_batch):
+                q_chunk, z_chunk = gathered[start:stop], latents[start:stop]  # contiguous row ranges
+                y_chunk = out[start:stop]  # ORT writes in place
                 binding = session.io_binding()  # per call: bindings are not shared between threads
                 binding.bind_input("z", "cuda", device_id, np.float32, z_chunk.shape, z_chunk.data.ptr)
                 binding.bind_input("q", "cuda", device_id, np.float32, q_chunk.shape, q_chunk.data.ptr)
                 binding.bind_output("y", "cuda", device_id, np.float32, y_chunk.shape, y_chunk.data.ptr)
-                # ORT computes on its own stream: CuPy's writes must land before it reads them
-                cp.cuda.get_current_stream().synchronize()
                 session.run_with_iobinding(binding)
             return cp.asnumpy(out)  # (B * n, 1, S, S): the one copy back to the host
 
