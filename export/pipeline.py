@@ -143,6 +143,7 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
     from vce_deploy.omniglot import load_split
     from vce_deploy.verify import check_parity
 
+    from .golden import GOLDEN_FILE, check_golden, write_golden
     from .onnx_export import export_onnx
     from .quantize import calibration_batches, fp16_cast_note, to_fp16, to_int8
 
@@ -153,6 +154,7 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
     size, latent = vce.config.image_size, vce.config.latent_dim
     test = load_split(split, "test", data_dir)
     exporter = _versions(opset)
+    reference = Converter.from_torch(vce, channels_last=False)  # eager fp32: calibration and golden outputs
     with atomic_directory(out) as stage:
         _weights_only(checkpoint, stage)
         slim_notes = {}
@@ -166,7 +168,7 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
                 to_fp16(stage / model_file(role, "fp32"), stage / model_file(role, "fp16"), role, size, latent, opset)
         if "int8" in precisions:
             x, q = _calibration_pairs(load_split(split, "train", data_dir), seed=0)
-            feeds = calibration_batches(Converter.from_torch(vce, channels_last=False), x, q)
+            feeds = calibration_batches(reference, x, q)
             for role in MODELS:
                 to_int8(stage / model_file(role, "fp32"), stage / model_file(role, "int8"), role, feeds[role],
                         size, latent, opset)
@@ -175,9 +177,11 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
                 "convertor_latents": "half z ~ q(z|x,q) from the fp32 encoder, half z ~ N(0, I)",
                 "method": "MinMax", "format": "QDQ, symmetric int8 activations, per-channel symmetric int8 weights",
                 "quantized_ops": ["Conv"], "float_ops": ["the stem Conv reading the inputs"]}
+        entries = _entries(stage, precisions, size, latent)
+        entries[GOLDEN_FILE] = write_golden(stage, reference, test.images, latent)  # export/golden.py
         manifest = Manifest(
             format_version=FORMAT_VERSION, image_size=size, latent_dim=latent, latent_layout=LATENT_LAYOUT,
-            preprocessing=PREPROCESSING, files=_entries(stage, precisions, size, latent),
+            preprocessing=PREPROCESSING, files=entries,
             model_config=meta.get("model_config", {}), train_config=meta.get("train_config", {}),
             step=int(meta.get("step", 0)), metrics={"training": meta.get("metrics", {})}, exporter=exporter)
         write_manifest(stage, manifest)  # the staging bundle is whole: verify it as a user would load it
@@ -193,6 +197,7 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
             metrics["nll"] = _nll_metrics(stage, ran, test, nll_subset, nll_k, nll_seed, log)
         write_manifest(stage, dataclasses.replace(manifest, metrics=metrics))
         Bundle.load(stage, verify=True)  # the bundle reads back and every hash matches
+        check_golden(stage, log)  # and passes the runtime's own check, the one `vce verify` runs
     log(f"bundle written: {out} ({len(manifest.files)} files)")
     return out
 

@@ -339,7 +339,7 @@ def test_engine_for_another_gpu_names_the_rebuild_command(bundle, tmp_path, monk
     message = str(err.value)
     assert "built for TensorRT 10.3.0 on compute capability 8.7 (Jetson AGX Orin)" in message
     assert "this is TensorRT 10.8.0 on NVIDIA L4 (compute capability 8.9)" in message
-    assert f"python -m export.tensorrt {copy} --precision fp32 --min-batch 1 --opt-batch 64 --max-batch 256" in message
+    assert f"vce build {copy} --precision fp32 --min-batch 1 --opt-batch 64 --max-batch 256" in message
     auto = Converter.load(copy)  # auto moves on to ONNX Runtime and says why
     assert auto.backend_info.name == "onnxruntime" and "built for TensorRT 10.3.0" in auto.backend_info.reason
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -152,43 +149,11 @@ def test_export_refuses_unknown_precision(smoke_checkpoint, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-@pytest.fixture
-def bundle_copy(smoke_bundle, tmp_path) -> Path:
-    copy = tmp_path / "bundle"
-    shutil.copytree(smoke_bundle, copy)
-    return copy
-
-
-def test_engine_builder_refuses_without_tensorrt(bundle_copy, monkeypatch, capsys):
-    from export.tensorrt import main
-
-    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails as if not installed
-    before = tree_digest(bundle_copy)
-    assert main([str(bundle_copy), "--precision", "int8"]) == 2
-    captured = capsys.readouterr()
-    assert "tensorrt Python package is not installed" in captured.err
-    assert "trtexec --onnx=" in captured.out and "--stronglyTyped" in captured.out
-    assert tree_digest(bundle_copy) == before
-
-
-def test_engine_builder_refuses_without_gpu(bundle_copy, monkeypatch, capsys):
-    from vce_deploy.backends import cuda
-
-    from export.tensorrt import main
-
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.9.0"))
-    monkeypatch.setattr(cuda, "gpu_count", lambda: 0)
-    before = tree_digest(bundle_copy)
-    assert main([str(bundle_copy), "--precision", "fp16", "--max-batch", "128"]) == 2
-    assert "no CUDA GPU is visible" in capsys.readouterr().err
-    assert tree_digest(bundle_copy) == before
-
-
 def test_trtexec_command_matches_the_profile(smoke_bundle):
-    from export.tensorrt import trtexec_command
+    from vce_deploy.engine_build import trtexec_command
 
     entry = Bundle.load(smoke_bundle).model_entry("convertor", "fp16")
-    cmd = trtexec_command(smoke_bundle, entry, "fp16", 1, 32, 300, 512, Path("/c"))
+    cmd = trtexec_command(smoke_bundle, entry, Path("/e.plan"), 1, 32, 300, 512, Path("/c"))
     assert "--minShapes=z:1x56,q:1x1x28x28" in cmd and "--maxShapes=z:300x56,q:300x1x28x28" in cmd
     assert cmd.endswith("--memPoolSize=workspace:512M --timingCacheFile=/c")
 
@@ -198,131 +163,7 @@ def test_manifest_is_plain_json(smoke_bundle):
     assert raw["format_version"] == 1 and len(raw["files"]["encoder.onnx"]["sha256"]) == 64
 
 
-class _FakeTensorRT:
-    """Just enough of the TensorRT 10 Python API to drive build_engines on a machine without
-    it: checks how the bundle is updated, NOT that TensorRT builds anything (not run here)."""
-
-    __version__ = "10.9.0"
-
-    class Logger:
-        WARNING, VERBOSE = "warning", "verbose"
-
-        def __init__(self, level):
-            self.level = level
-
-    class NetworkDefinitionCreationFlag:
-        STRONGLY_TYPED = 0
-
-    class MemoryPoolType:
-        WORKSPACE = "workspace"
-
-    def __init__(self):
-        self.calls = []
-        fake = self
-
-        class Tensor:
-            def __init__(self, value):
-                self.name = value.name
-                self.shape = tuple(d.dim_value or -1 for d in value.type.tensor_type.shape.dim)
-                self.dtype = "float32"
-
-        class Network:
-            def __init__(self, flags):
-                fake.calls.append(("create_network", flags))
-                self.inputs, self.outputs = [], []
-                self.num_inputs = self.num_outputs = 0
-
-            def get_input(self, i):
-                return self.inputs[i]
-
-            def get_output(self, i):
-                return self.outputs[i]
-
-        class OnnxParser:
-            num_errors = 0
-
-            def __init__(self, network, logger):
-                self.network = network
-
-            def parse_from_file(self, path):
-                graph = onnx.load(path).graph
-                self.network.inputs = [Tensor(v) for v in graph.input]
-                self.network.outputs = [Tensor(v) for v in graph.output]
-                self.network.num_inputs, self.network.num_outputs = len(graph.input), len(graph.output)
-                return True
-
-        class Cache:
-            def serialize(self):
-                return b"timings"
-
-        class Profile:
-            def set_shape(self, name, low, opt, high):
-                fake.calls.append(("set_shape", name, low, opt, high))
-
-        class Config:
-            def set_memory_pool_limit(self, pool, size):
-                fake.calls.append(("workspace", pool, size))
-
-            def add_optimization_profile(self, profile):
-                fake.calls.append(("profile",))
-
-            def create_timing_cache(self, blob):
-                fake.calls.append(("timing_cache_in", bytes(blob)))
-                return Cache()
-
-            def set_timing_cache(self, cache, ignore_mismatch):
-                return True
-
-            def get_timing_cache(self):
-                return Cache()
-
-        class Builder:
-            def __init__(self, logger):
-                pass
-
-            def create_builder_config(self):
-                return Config()
-
-            def create_network(self, flags):
-                return Network(flags)
-
-            def create_optimization_profile(self):
-                return Profile()
-
-            def build_serialized_network(self, network, config):
-                return b"PLAN:" + ",".join(t.name for t in network.inputs).encode()
-
-        self.Builder, self.OnnxParser = Builder, OnnxParser
-
-
-def test_engine_builder_updates_the_bundle_atomically(bundle_copy, tmp_path, monkeypatch):
-    from vce_deploy.backends import cuda
-
-    from export.tensorrt import main
-
-    fake = _FakeTensorRT()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake)
-    monkeypatch.setattr(cuda, "gpu_count", lambda: 1)
-    monkeypatch.setattr(cuda, "device_properties", lambda i: ("Fake GPU", "8.7"))
-    before = tree_digest(bundle_copy)
-    cache = tmp_path / "timing.cache"
-    args = [str(bundle_copy), "--precision", "int8", "--min-batch", "2", "--opt-batch", "16", "--max-batch", "300",
-            "--timing-cache", str(cache)]
-    assert main(args) == 0
-    bundle = Bundle.load(bundle_copy)
-    for role in ("encoder", "convertor"):
-        entry = bundle.entries(role, "tensorrt", "int8")[0]
-        assert entry.path == f"engines/{role}.int8.plan"
-        assert (entry.engine.tensorrt_version, entry.engine.compute_capability) == ("10.9.0", "8.7")
-        assert (entry.engine.min_batch, entry.engine.opt_batch, entry.engine.max_batch) == (2, 16, 300)
-    after = tree_digest(bundle_copy)
-    assert {k: v for k, v in after.items() if k in before and k != "manifest.json"} == \
-        {k: v for k, v in before.items() if k != "manifest.json"}, "the ONNX files are untouched"
-    assert ("create_network", 1) in fake.calls, "strongly typed network"
-    assert ("set_shape", "z", (2, 56), (16, 56), (300, 56)) in fake.calls
-    assert cache.read_bytes() == b"timings"
-    assert main(args) == 0  # the second build reads the saved timing cache
-    assert ("timing_cache_in", b"timings") in fake.calls
+# the engine builder (vce build) is tested in tests/test_edge.py with tests/fakegpu.py
 
 
 def test_opset_below_the_exporters_is_refused_not_faked(smoke_checkpoint, tmp_path):

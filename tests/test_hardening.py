@@ -606,7 +606,7 @@ def test_an_export_killed_half_way_leaves_a_whole_bundle(kill_at, smoke_checkpoi
         assert tree_digest(out) == before, "the old bundle is intact"
     else:
         assert tree_digest(out) != before and set(loaded.manifest.files) == {
-            "checkpoint.safetensors", "checkpoint.json", "encoder.onnx", "convertor.onnx"}, "the new bundle, whole"
+            "checkpoint.safetensors", "checkpoint.json", "encoder.onnx", "convertor.onnx", "golden.npz"}, "the new bundle, whole"
         assert tree_digest(litter[0]) == before, "the litter is the old bundle"
     assert clean_stale(out) == litter, "the dead export's staging directory is cleaned"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "driver.py"]

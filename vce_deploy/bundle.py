@@ -22,9 +22,10 @@ from .fsio import atomic_write_bytes
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-# what a listed file is: one of the two models, or the checkpoint and its JSON sidecar
-FILE_ROLES = (*MODELS, "checkpoint", "checkpoint-meta")
-FORMATS = ("onnx", "tensorrt", "safetensors", "json")
+# what a listed file is: one of the two models, the checkpoint and its JSON sidecar, or the
+# golden outputs `vce verify` checks every backend against (vce_deploy/golden.py)
+FILE_ROLES = (*MODELS, "checkpoint", "checkpoint-meta", "golden")
+FORMATS = ("onnx", "tensorrt", "safetensors", "json", "npz")
 DEFAULT_BUNDLE = Path(__file__).resolve().parent / "default_bundle"
 # The manifest seals itself: "manifest_sha256" is the sha256 of manifest.json's bytes with that
 # value replaced by 64 zeros, so one changed byte anywhere in the manifest is refused too.
@@ -74,9 +75,17 @@ class EngineInfo:
     opt_batch: int
     max_batch: int
     gpu_name: str = ""
+    # TensorRT's compatibility modes (docs/edge.md): a version-compatible engine runs on any
+    # later TensorRT of the same major version, a hardware-compatible one on any Ampere-or-newer GPU
+    version_compatible: bool = False
+    hardware_compatible: bool = False
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        body = dict(self.__dict__)
+        for flag in ("version_compatible", "hardware_compatible"):
+            if not body[flag]:
+                del body[flag]  # records of plain engines stay as they always were
+        return body
 
 
 @dataclass(frozen=True)
@@ -200,13 +209,15 @@ def _parse_entry(path: str, body: Any, where: str) -> FileEntry:
 def _parse_engine(raw: Any, here: str) -> EngineInfo:
     ints = ("min_batch", "opt_batch", "max_batch")
     strings = ("tensorrt_version", "compute_capability", "gpu_name")
-    ok = (isinstance(raw, dict) and set(raw) <= set(ints + strings) and set(ints + strings[:2]) <= set(raw)
+    flags = ("version_compatible", "hardware_compatible")
+    ok = (isinstance(raw, dict) and set(raw) <= set(ints + strings + flags) and set(ints + strings[:2]) <= set(raw)
           and all(type(raw[k]) is int and raw[k] >= 1 for k in ints)
           and all(isinstance(raw.get(k, ""), str) for k in strings)
+          and all(type(raw.get(k, False)) is bool for k in flags)
           and raw["min_batch"] <= raw["opt_batch"] <= raw["max_batch"])
     if not ok:
         raise BundleError(f"{here}: expected an engine record {{tensorrt_version, compute_capability, [gpu_name], "
-                          f"min_batch <= opt_batch <= max_batch (integers >= 1)}}, got {raw!r}")
+                          f"[version_compatible], [hardware_compatible], min_batch <= opt_batch <= max_batch (integers >= 1)}}, got {raw!r}")
     return EngineInfo(**raw)
 
 

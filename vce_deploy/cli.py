@@ -1,5 +1,5 @@
-"""The `vce` command: convert, inspect, verify. (The benchmark is `python -m bench`, in the
-source tree: it is not part of the runtime.)
+"""The `vce` command: convert, inspect, verify, build. (The benchmark is `python -m bench`, in
+the source tree: it is not part of the runtime.)
 
 Exit codes: 0 ok, 1 error (a one-line message on stderr), 2 bad usage (argparse).
 """
@@ -40,13 +40,31 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("bundle")
     inspect.add_argument("--json", action="store_true", help="print the manifest as JSON")
 
-    verify = commands.add_parser("verify", help="check hashes, and parity against the checkpoint when it is there")
-    verify.add_argument("bundle")
+    verify = commands.add_parser("verify", help="check hashes, golden outputs on every backend here, and parity "
+                                                      "against the checkpoint when torch is there")
+    verify.add_argument("bundle", nargs="?", default=None, help="bundle directory (default: the shipped bundle)")
     verify.add_argument("--batch", type=int, default=8, help="inputs compared per model (default 8)")
     verify.add_argument("--split", default="small", choices=("small", "paper"),
                         help="Omniglot split whose test glyphs are compared on (default small)")
     verify.add_argument("--data-dir", default=None, help="folder with the Omniglot zips")
+
+    _add_build_parser(commands)
     return parser
+
+
+def _add_build_parser(commands) -> None:
+    from .engine_build import add_arguments
+
+    build = commands.add_parser("build", help="build TensorRT engines on this GPU (needs tensorrt, never torch)",
+                                description="Build TensorRT engines from one precision of a bundle, on and for this "
+                                            "GPU and TensorRT version, into the engine cache (docs/edge.md).")
+    add_arguments(build)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .engine_build import run
+
+    return run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse: 2 for bad usage, 0 after --help
         return int(stop.code or 0)
-    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify}
+    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "build": cmd_build}
     try:
         return handlers[args.command](args)
     except (VCEError, OSError) as err:  # OSError: an output that cannot be written, a full disk
@@ -99,7 +117,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if entry.inputs or entry.outputs:
             print(f"      {_specs(entry.inputs)} -> {_specs(entry.outputs)}")
     engines = [e for e in m.files.values() if e.engine is not None]
-    print("engines:" if engines else "engines: none (build them with `python -m export.tensorrt BUNDLE ...`)")
+    print("engines:" if engines else "engines: none in the bundle (`vce build BUNDLE` builds them into the engine cache)")
     for entry in engines:
         info = entry.engine
         print(f"  {entry.path}: TensorRT {info.tensorrt_version}, compute capability {info.compute_capability}"
@@ -114,32 +132,64 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .backends import BACKENDS
     from .bundle import Bundle
-    from .omniglot import load_split
-    from .verify import REFERENCE, check_parity
 
     if args.batch < 1:
         print(f"vce verify: error: --batch: expected an integer >= 1, got {args.batch}", file=sys.stderr)
         return 2
     bundle = Bundle.load(args.bundle, verify=True)  # raises BundleError on a missing or changed file
     print(f"hashes: {len(bundle.manifest.files)} files match the manifest")
+    golden_failed = _verify_golden(bundle)
+    parity_failed = _verify_parity(bundle, args)
+    if golden_failed is None and parity_failed is None:
+        print("vce verify: error: no outputs were checked: the bundle has no golden outputs (re-export it, or "
+              "`python -m export.golden BUNDLE`) or none ran here, and the torch parity check could not run",
+              file=sys.stderr)
+        return 1
+    return 1 if golden_failed or parity_failed else 0
+
+
+def _verify_golden(bundle) -> bool | None:
+    """Every precision and engine runnable here against the bundle's golden outputs (no torch
+    needed): True if any failed, None if nothing was compared (no golden set, or nothing ran
+    here). vce_deploy/golden.py."""
+    from .golden import load_golden, verify_golden
+
+    golden = load_golden(bundle)
+    if golden is None:
+        print("golden: none in this bundle (exported before golden outputs existed)")
+        return None
+    results = verify_golden(bundle, golden)
+    for result in results:
+        print(result.line())
+    ran = sum(r.status != "skipped" for r in results)
+    print(f"golden: {golden.count} real glyph pairs; {ran} of {len(results)} backend/precision pairs ran here")
+    return any(r.status == "FAILED" for r in results) if ran else None
+
+
+def _verify_parity(bundle, args: argparse.Namespace) -> bool | None:
+    """Every backend against the torch backend on the checkpoint (vce_deploy/verify.py): True
+    if any mismatch, None if it could not run here (no torch, no checkpoint, no glyphs)."""
+    from .backends import BACKENDS
+    from .omniglot import load_split
+    from .verify import REFERENCE, check_parity
+
     problem = BACKENDS[REFERENCE].unavailable(bundle, "fp32", "cpu")
     if problem is not None:
-        print(f"parity: skipped ({problem})")
-        return 0
+        print(f"parity against the checkpoint: skipped ({problem})")
+        return None
     try:
         glyphs = load_split(args.split, "test", args.data_dir).images  # real glyphs, never trained on
     except (FileNotFoundError, ValueError) as err:
         print(f"parity: skipped (no Omniglot glyphs to compare on: {err}; pass --data-dir)")
-        return 0
+        return None
     report = check_parity(bundle.path, glyphs, batches=(args.batch,))
     for check in report.checks:
         print(check.summary())
     engines = bundle.entries(format="tensorrt")
     if engines:
         print(f"engines: {len(engines)} listed; hashes checked, outputs compared where a backend ran them above")
-    return 0 if report.ok else 1
+    return not report.ok
 
 
 def _specs(specs) -> str:

@@ -123,9 +123,11 @@ class Converter:
         limit = instance.max_batch_limit
         if max_batch is None:
             max_batch = instance.default_max_batch
-        elif limit is not None and max_batch > limit:
+        elif (limit is not None and max_batch > limit) or max_batch < instance.min_batch_limit:
+            low = instance.min_batch_limit
             instance.close()
-            raise InputError(f"max_batch: expected at most {limit} (the engine's batch profile), got {max_batch}")
+            raise InputError(f"max_batch: expected {low}..{limit if limit is not None else 'any'} (the engine's batch "
+                             f"profile), got {max_batch}")
         info = BackendInfo(chosen.name, resolved, precision, instance.describe(), reason)
         return cls(bundle, instance, info, max_batch)
 

@@ -125,6 +125,12 @@ class Backend(ABC):
         return None
 
     @property
+    def min_batch_limit(self) -> int:
+        """The smallest batch the backend accepts (an engine profile's min); smaller batches
+        are padded up to it by run_padded."""
+        return 1
+
+    @property
     def default_max_batch(self) -> int:
         return 256  # large enough to keep a CPU busy, small enough to stay in cache-sized chunks
 
@@ -140,14 +146,23 @@ class Backend(ABC):
         return HostLatentSampler(seed)
 
     def run_chunked(self, model: str, inputs: dict[str, np.ndarray], max_batch: int) -> dict[str, np.ndarray]:
-        """`run` over batch slices of at most max_batch rows, outputs concatenated in order."""
+        """`run` over batch slices that fit the backend (at most max_batch rows, at least its
+        min_batch_limit: a short slice is padded and the padding dropped), outputs in order."""
         total = next(iter(inputs.values())).shape[0]
-        if total <= max_batch:
+        if self.min_batch_limit <= total <= max_batch:
             return self.run(model, inputs)
-        parts: list[dict[str, np.ndarray]] = []
-        for start in range(0, total, max_batch):
-            parts.append(self.run(model, {k: v[start:start + max_batch] for k, v in inputs.items()}))
+        parts = [self.run_padded(model, {k: v[start:stop] for k, v in inputs.items()})
+                 for start, stop in batch_slices(total, max_batch)]
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def run_padded(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """`run` on a batch that may be below the engine profile's minimum: its last row is
+        repeated up to the minimum and those rows' outputs are dropped (rows are independent)."""
+        rows = next(iter(inputs.values())).shape[0]
+        if rows >= self.min_batch_limit:
+            return self.run(model, inputs)
+        padded = self.run(model, {k: pad_rows(v, self.min_batch_limit) for k, v in inputs.items()})
+        return {name: value[:rows] for name, value in padded.items()}
 
     def convert(self, conditions: np.ndarray, samples_per_condition: int, sampler: LatentSampler,
                 temperature: float, max_batch: int) -> np.ndarray:
@@ -159,11 +174,24 @@ class Backend(ABC):
         total = conditions.shape[0] * samples_per_condition
         latents = sampler.draw(total, self.latent_dim, temperature)  # (B * n, D)
         out = np.empty((total, 1, self.image_size, self.image_size), np.float32)
-        for start in range(0, total, max_batch):
-            stop = min(start + max_batch, total)
+        for start, stop in batch_slices(total, max_batch):
             rows = np.arange(start, stop) // samples_per_condition  # sample i belongs to condition i // n
-            out[start:stop] = self.run("convertor", {"z": latents[start:stop], "q": conditions[rows]})["y"]
+            out[start:stop] = self.run_padded("convertor", {"z": latents[start:stop], "q": conditions[rows]})["y"]
         return out
+
+
+def batch_slices(total: int, max_batch: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of at most max_batch rows covering 0..total."""
+    return [(start, min(start + max_batch, total)) for start in range(0, total, max_batch)]
+
+
+def pad_rows(array, rows: int):
+    """`array` (numpy or CuPy) with its last row repeated until it has `rows` rows."""
+    missing = rows - array.shape[0]
+    if missing <= 0:
+        return array
+    xp = np if isinstance(array, np.ndarray) else __import__("cupy")
+    return xp.concatenate([array, xp.repeat(array[-1:], missing, axis=0)])
 
 
 def check_entry_io(entry: "FileEntry", role: str, where: str, image_size: int | None = None,

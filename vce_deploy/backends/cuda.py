@@ -7,7 +7,9 @@ that would exercise it skip with that reason.
 """
 from __future__ import annotations
 
+import ctypes
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -50,9 +52,45 @@ def gpu_count() -> int:
         return 0
 
 
+# Jetson's integrated GPU has no /proc/driver/nvidia/gpus (that is the discrete-GPU driver's
+# listing): its nvgpu driver shows device nodes and a platform device instead (docs/edge.md)
+TEGRA_GPU_NODES = ("dev/nvgpu/igpu0", "dev/nvhost-gpu", "dev/nvhost-ctrl-gpu", "sys/devices/gpu.0",
+                   "sys/devices/platform/gpu.0")
+DEVICE_TREE_COMPATIBLE = ("proc/device-tree/compatible", "sys/firmware/devicetree/base/compatible")
+
+
+def gpu_visible(root: Path = Path("/")) -> bool:
+    """Whether an NVIDIA GPU is there, even without cuda-python: CUDA says so, or the discrete
+    driver lists one, or this is a Jetson (Tegra) with its integrated GPU."""
+    if gpu_count() > 0:
+        return True
+    listing = root / "proc/driver/nvidia/gpus"
+    if listing.is_dir() and any(listing.iterdir()):
+        return True
+    return tegra_gpu(root)
+
+
+def tegra_gpu(root: Path = Path("/")) -> bool:
+    if any((root / node).exists() for node in TEGRA_GPU_NODES):
+        return True
+    for name in DEVICE_TREE_COMPATIBLE:  # NUL-separated strings such as "nvidia,p3737-0000\0nvidia,tegra234"
+        try:
+            if b"nvidia,tegra" in (root / name).read_bytes():
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def device_index(device: str) -> int:
     """"cuda" -> 0, "cuda:1" -> 1."""
     return int(device.split(":", 1)[1]) if ":" in device else 0
+
+
+def set_device(device_id: int) -> None:
+    """Make device_id current for the calling host thread. CUDA's current device is per thread,
+    so every call that touches device memory or a stream sets it first, on its own thread."""
+    check(runtime().cudaSetDevice(device_id), f"cudaSetDevice({device_id})")
 
 
 def device_properties(device_id: int) -> tuple[str, str]:
@@ -63,10 +101,14 @@ def device_properties(device_id: int) -> tuple[str, str]:
 
 
 class Stream:
-    """One CUDA stream, owned: destroy() releases it."""
+    """One non-blocking CUDA stream, owned: destroy() releases it. Non-blocking: it does not
+    wait on the legacy default stream, so other libraries' default-stream work (CuPy, a
+    framework in the same process) does not serialise with it."""
 
     def __init__(self):
-        self.handle = check(runtime().cudaStreamCreate(), "cudaStreamCreate")
+        cudart = runtime()
+        self.handle = check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
+                            "cudaStreamCreateWithFlags(cudaStreamNonBlocking)")
 
     def synchronize(self) -> None:
         check(runtime().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
@@ -77,6 +119,13 @@ class Stream:
             self.handle = None
 
 
+def copy_async(dst: int, src: int, nbytes: int, kind: str, stream: "Stream") -> None:
+    """cudaMemcpyAsync of nbytes on `stream`; kind: "HostToDevice", "DeviceToHost", "DeviceToDevice"."""
+    cudart = runtime()
+    check(cudart.cudaMemcpyAsync(dst, src, nbytes, getattr(cudart.cudaMemcpyKind, f"cudaMemcpy{kind}"),
+                                 stream.handle), f"cudaMemcpyAsync({kind})")
+
+
 class DeviceBuffer:
     """nbytes of device memory, owned: free() releases it (idempotent)."""
 
@@ -84,31 +133,34 @@ class DeviceBuffer:
         self.nbytes = nbytes
         self.ptr = int(check(runtime().cudaMalloc(nbytes), f"cudaMalloc({nbytes})"))
 
-    def upload(self, host: np.ndarray, stream: Stream) -> None:
-        host = np.ascontiguousarray(host)
-        if host.nbytes > self.nbytes:
-            raise BackendError(f"upload of {host.nbytes} bytes into a {self.nbytes}-byte device buffer")
-        cudart = runtime()
-        check(cudart.cudaMemcpyAsync(self.ptr, host.ctypes.data, host.nbytes,
-                                     cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream.handle),
-              "cudaMemcpyAsync(host to device)")
-
-    def copy_from_device(self, source_ptr: int, nbytes: int, stream: Stream) -> None:
-        cudart = runtime()
-        check(cudart.cudaMemcpyAsync(self.ptr, source_ptr, nbytes,
-                                     cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream.handle),
-              "cudaMemcpyAsync(device to device)")
-
-    def download(self, host: np.ndarray, stream: Stream) -> None:
-        """Copy into `host` (C-contiguous); the caller synchronises the stream before reading it."""
-        cudart = runtime()
-        check(cudart.cudaMemcpyAsync(host.ctypes.data, self.ptr, host.nbytes,
-                                     cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.handle),
-              "cudaMemcpyAsync(device to host)")
-
     def free(self) -> None:
         if self.ptr:
             check(runtime().cudaFree(self.ptr), "cudaFree")
+            self.ptr = 0
+
+
+class PinnedBuffer:
+    """nbytes of page-locked host memory, owned: free() releases it. Copies from pageable
+    memory are staged by the driver and run synchronously; from pinned memory
+    cudaMemcpyAsync is truly asynchronous and runs at full bus speed."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.ptr = int(check(runtime().cudaHostAlloc(nbytes, 0), f"cudaHostAlloc({nbytes})"))  # 0: cudaHostAllocDefault
+
+    def view(self, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        """A numpy array over the first bytes of the buffer (no copy)."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape))
+        if count * dtype.itemsize > self.nbytes:
+            raise BackendError(f"a {shape} {dtype} view needs {count * dtype.itemsize} bytes; the pinned buffer "
+                               f"has {self.nbytes}")
+        raw = (ctypes.c_byte * (count * dtype.itemsize)).from_address(self.ptr)
+        return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+    def free(self) -> None:
+        if self.ptr:
+            check(runtime().cudaFreeHost(self.ptr), "cudaFreeHost")
             self.ptr = 0
 
 

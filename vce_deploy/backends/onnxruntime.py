@@ -14,7 +14,7 @@ import numpy as np
 
 from ..contract import MODELS
 from ..errors import BackendError, BundleError
-from .base import Backend, HostLatentSampler, check_entry_io, compare_io, physical_cores
+from .base import Backend, HostLatentSampler, batch_slices, check_entry_io, compare_io, physical_cores
 from . import cuda
 
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -31,12 +31,59 @@ def _ort():
     return onnxruntime
 
 
+def installed_distributions() -> list[tuple[str, str]]:
+    """(name, version) of every installed ONNX Runtime wheel. They all install the one
+    `onnxruntime` package, so with two of them the files of whichever came last win."""
+    from importlib import metadata
+
+    found = {}
+    for dist in metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name == "onnxruntime" or name.startswith("onnxruntime-") and name not in ("onnxruntime-extensions",
+                                                                                     "onnxruntime-tools"):
+            found[name] = dist.version
+    return sorted(found.items())
+
+
+def shadowing_note() -> str:
+    """A clear word when several ONNX Runtime wheels share the one import, else ""."""
+    dists = installed_distributions()
+    if len(dists) < 2:
+        return ""
+    listed = " and ".join(f"{name} {version}" for name, version in dists)
+    return (f"{listed} are all installed; they share the one `onnxruntime` import and shadow each other. Keep "
+            "one: pip uninstall -y " + " ".join(name for name, _ in dists) + " && pip install onnxruntime-gpu "
+            "(on Jetson: the onnxruntime-gpu wheel for your JetPack, docs/edge.md)")
+
+
 def _gpu_present() -> bool:
-    if cuda.gpu_count() > 0:
-        return True
-    # without cuda-python, the driver's own listing still tells whether a GPU is there
-    listing = Path("/proc/driver/nvidia/gpus")
-    return listing.is_dir() and any(listing.iterdir())
+    return cuda.gpu_visible()
+
+
+def gpu_providers(available: list[str], device_id: int, cache_root: Path) -> list:
+    """The GPU providers this onnxruntime has, with options, most specialised first. TensorRT's
+    provider builds engines at session creation (minutes on a Jetson): its engine and timing
+    caches make every later load reuse them. ORT keys its engine files by graph and GPU
+    itself; the directory adds the onnxruntime version (which fixes the TensorRT it links)."""
+    chosen = []
+    if "TensorrtExecutionProvider" in available:
+        cache_root.mkdir(parents=True, exist_ok=True)
+        chosen.append(("TensorrtExecutionProvider", {
+            "device_id": device_id,
+            "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_root),
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_root),
+        }))
+    if "CUDAExecutionProvider" in available:
+        chosen.append(("CUDAExecutionProvider", {"device_id": device_id}))
+    return chosen
+
+
+def _trt_provider_cache(ort, device_id: int) -> Path:
+    from .. import engine_cache
+
+    name, capability = cuda.device_properties(device_id) if cuda.gpu_count() > device_id else ("gpu", "0.0")
+    return (engine_cache.default_cache_dir() / f"onnxruntime-{ort.__version__}" /
+            engine_cache.gpu_key(name, capability))
 
 
 class OnnxRuntimeBackend(Backend):
@@ -51,8 +98,9 @@ class OnnxRuntimeBackend(Backend):
         if device is not None and device.startswith("cuda"):
             have = ort.get_available_providers()
             if "CUDAExecutionProvider" not in have:
+                note = shadowing_note()
                 return BackendError(f"device {device!r} needs onnxruntime-gpu's CUDAExecutionProvider; "
-                                    f"this onnxruntime {ort.__version__} has {have}")
+                                    f"this onnxruntime {ort.__version__} has {have}" + (f". {note}" if note else ""))
             if not _gpu_present():
                 return BackendError(f"device {device!r} requested, but no CUDA GPU is visible")
         return None
@@ -93,10 +141,7 @@ class OnnxRuntimeBackend(Backend):
             try:
                 session = ort.InferenceSession(model_bytes, options, providers=providers)
             except Exception as err:  # ORT raises its own Fail/InvalidGraph types
-                if self.on_gpu:  # could be the GPU stack as much as the file
-                    raise BackendError(f"onnxruntime could not load {path} on {device}: {err}") from err
-                raise BundleError(f"{path}: expected an ONNX model that onnxruntime loads (its sha256 matches the "
-                                  f"manifest, so it was exported broken or truncated), got: {err}") from err
+                raise load_error(ort, path, device, err) from err
             if self.on_gpu and not set(GPU_PROVIDERS) & set(session.get_providers()):
                 raise BackendError(f"expected {role} on {device} through {GPU_PROVIDERS}, but onnxruntime "
                                    f"only initialised {session.get_providers()} (check CUDA and cuDNN)")
@@ -110,9 +155,8 @@ class OnnxRuntimeBackend(Backend):
     def _providers(self, ort) -> list:
         if not self.on_gpu:
             return ["CPUExecutionProvider"]
-        have = ort.get_available_providers()
-        chosen: list = [(name, {"device_id": self.device_id}) for name in GPU_PROVIDERS if name in have]
-        return chosen + ["CPUExecutionProvider"]
+        cache = _trt_provider_cache(ort, self.device_id)
+        return gpu_providers(ort.get_available_providers(), self.device_id, cache) + ["CPUExecutionProvider"]
 
     def run(self, model, inputs):
         outputs = self._sessions[model].run(self._output_names[model], inputs)
@@ -121,8 +165,9 @@ class OnnxRuntimeBackend(Backend):
     def describe(self) -> str:
         noise = ("on the device (CuPy)" if self._cupy is not None else "on the host (install CuPy to draw "
                  "it on the device)") if self.on_gpu else "on the host"
+        note = shadowing_note()
         return (f"onnxruntime {self._ort.__version__}, providers {self.providers}, "
-                f"{self.intra_op_threads} intra-op threads, noise drawn {noise}")
+                f"{self.intra_op_threads} intra-op threads, noise drawn {noise}" + (f"; warning: {note}" if note else ""))
 
     # -- GPU: noise drawn on the device, inputs and outputs bound there --------------------
 
@@ -139,23 +184,38 @@ class OnnxRuntimeBackend(Backend):
         total = conditions.shape[0] * samples_per_condition
         session = self._sessions["convertor"]
         with cp.cuda.Device(device_id):
-            latents = sampler.draw(total, self.latent_dim, temperature)  # (B * n, D) on the device
+            latents = cp.ascontiguousarray(sampler.draw(total, self.latent_dim, temperature))  # (B * n, D)
             device_conditions = cp.asarray(conditions)  # the B conditions cross the bus once
+            gathered = device_conditions[cp.arange(total) // samples_per_condition]  # (B * n, 1, S, S), contiguous
             out = cp.empty((total, 1, size, size), dtype=cp.float32)
-            for start in range(0, total, max_batch):
-                stop = min(start + max_batch, total)
-                rows = cp.arange(start, stop) // samples_per_condition
-                q_chunk = cp.ascontiguousarray(device_conditions[rows])  # (chunk, 1, S, S)
-                z_chunk = cp.ascontiguousarray(latents[start:stop])  # (chunk, D)
-                y_chunk = out[start:stop]  # a contiguous row range of out: ORT writes in place
+            # ORT computes on its own stream: CuPy's writes land before it reads them. One wait for
+            # all chunks here, instead of one per chunk on top of the wait inside each ORT run.
+            cp.cuda.get_current_stream().synchronize()
+            for start, stop in batch_slices(total, max_batch):
+                q_chunk, z_chunk = gathered[start:stop], latents[start:stop]  # contiguous row ranges
+                y_chunk = out[start:stop]  # ORT writes in place
                 binding = session.io_binding()  # per call: bindings are not shared between threads
                 binding.bind_input("z", "cuda", device_id, np.float32, z_chunk.shape, z_chunk.data.ptr)
                 binding.bind_input("q", "cuda", device_id, np.float32, q_chunk.shape, q_chunk.data.ptr)
                 binding.bind_output("y", "cuda", device_id, np.float32, y_chunk.shape, y_chunk.data.ptr)
-                # ORT computes on its own stream: CuPy's writes must land before it reads them
-                cp.cuda.get_current_stream().synchronize()
                 session.run_with_iobinding(binding)
             return cp.asnumpy(out)  # (B * n, 1, S, S): the one copy back to the host
+
+
+# what onnxruntime raises for a file that is not a loadable graph; anything else (an opset
+# newer than this onnxruntime, memory, a provider) is about this machine, not the bundle
+BROKEN_MODEL_ERRORS = ("InvalidProtobuf", "InvalidGraph", "NoModel")
+
+
+def load_error(ort, path, device: str, err: Exception) -> Exception:
+    if type(err).__name__ in BROKEN_MODEL_ERRORS:
+        return BundleError(f"{path}: expected an ONNX model that onnxruntime loads (its sha256 matches the "
+                           f"manifest, so it was exported broken or truncated), got: {err}")
+    note = shadowing_note()
+    return BackendError(f"onnxruntime {ort.__version__} could not load {path} on {device} "
+                        f"({type(err).__name__}): {err}. The file matches its sha256; this onnxruntime or machine "
+                        "cannot run it (an opset newer than this onnxruntime? out of memory?)"
+                        + (f". {note}" if note else ""))
 
 
 def _node_specs(nodes) -> dict[str, tuple[tuple, str]]:
