@@ -26,12 +26,12 @@ def main(argv=None) -> int:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from export import _calibration_pairs
+    from export.pipeline import _calibration_pairs
     from export.onnx_export import export_onnx
-    from export.parity import TorchReference
     from export.quantize import _Reader, calibration_batches, stem_conv
-    from train.data import load_test, load_train, nll_targets
     from vce_deploy.checkpoint import load_model
+    from vce_deploy.converter import Converter
+    from vce_deploy.omniglot import load_split, nll_targets
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[2])
     parser.add_argument("--checkpoint", default="vce_deploy/default_bundle/checkpoint.safetensors")
@@ -40,10 +40,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     vce, _ = load_model(args.checkpoint)
-    reference = TorchReference(vce)
-    x, q = _calibration_pairs(load_train(), 0)
+    reference = Converter.from_torch(vce, channels_last=False)  # eager fp32
+    x, q = _calibration_pairs(load_split("paper", "train"), 0)
     feeds = calibration_batches(reference, x[:256], q[:256])["convertor"]
-    q64 = nll_targets(load_test())[1][:64]
+    q64 = nll_targets(load_split("paper", "test"))[1][:64]
     z64 = np.random.default_rng(1).standard_normal((64, vce.config.latent_dim)).astype(np.float32)
     expected = reference.run_convertor(z64, q64)
 

@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:  # `python bench/latency.py` from anywhere: vce_de
     sys.path.insert(0, str(ROOT))
 
 from vce_deploy import Converter, VCEError, preprocess_batch  # noqa: E402
-from vce_deploy.backends import LatentStream  # noqa: E402
+from vce_deploy.backends import HostLatentSampler  # noqa: E402
 from vce_deploy.backends.base import physical_cores  # noqa: E402
 from vce_deploy.bundle import DEFAULT_BUNDLE, MANIFEST, Bundle  # noqa: E402
 
@@ -322,7 +322,7 @@ def condition_image() -> tuple[Any, str]:
 def engine_inputs(image: Any, batch: int, latent_dim: int) -> tuple[np.ndarray, np.ndarray]:
     """Exactly what `Converter.convert(image, n=batch, seed=SEED)` hands the engine."""
     q = np.repeat(preprocess_batch(image), batch, axis=0)  # (b, 1, 28, 28)
-    z = LatentStream(SEED).draw(batch, latent_dim, 1.0)  # (b, 56)
+    z = HostLatentSampler(SEED).draw(batch, latent_dim, 1.0)  # (b, 56)
     return z, q
 
 
@@ -641,20 +641,20 @@ def conv_microbench(batch: int, threads: int, peak_gflops: float, seconds: float
 def overhead_breakdown(bundle_path: Path, threads: int, image: Any, batch: int = 1, seconds: float = 1.0) -> list[dict]:
     """What Converter.convert does besides the engine call, each step timed alone (median of
     repeated calls), on ONNX Runtime fp32 at `batch`."""
-    conv = Converter.load(bundle_path, backend="onnxruntime", precision="fp32", device="cpu", threads=threads,
-                          max_batch=max(batch, 1))
-    engine = conv.engine
-    latent = conv.latent_dim
+    converter = Converter.load(bundle_path, backend="onnxruntime", precision="fp32", device="cpu", threads=threads,
+                               max_batch=max(batch, 1))
+    engine = converter.backend
+    latent = converter.latent_dim
     conditions = preprocess_batch(image)
     z, q = engine_inputs(image, batch, latent)
     steps = {
-        "Converter.convert(image, n) end to end": lambda: conv.convert(image, n=batch, seed=SEED),
-        "Converter.convert(preprocessed 28x28 array, n)": lambda: conv.convert(conditions[0, 0], n=batch, seed=SEED),
+        "Converter.convert(image, n) end to end": lambda: converter.convert(image, n=batch, seed=SEED),
+        "Converter.convert(preprocessed 28x28 array, n)": lambda: converter.convert(conditions[0, 0], n=batch, seed=SEED),
         "engine run (bare)": lambda: engine.run("convertor", {"z": z, "q": q}),
         "preprocess_batch(image), then the bare engine run": lambda: (
             preprocess_batch(image), engine.run("convertor", {"z": z, "q": q})),
         "preprocess_batch(image): decode, grayscale, resize, binarize": lambda: preprocess_batch(image),
-        "noise: LatentStream(seed).draw(n, 56)": lambda: LatentStream(SEED).draw(batch, latent, 1.0),
+        "noise: HostLatentSampler(seed).draw(n, 56)": lambda: HostLatentSampler(SEED).draw(batch, latent, 1.0),
         "gather conditions[rows] and index arithmetic": lambda: conditions[np.arange(batch) // batch],
     }
     rows = []
@@ -665,7 +665,7 @@ def overhead_breakdown(bundle_path: Path, threads: int, image: Any, batch: int =
             times: list[int] = []
             time_slice(fn, seconds / 2, 20, times)
             rows.append({"step": name, "ms": float(np.median(times)) / 1e6})
-    conv.close()
+    converter.close()
     return rows
 
 
