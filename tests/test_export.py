@@ -45,7 +45,9 @@ def test_a_precision_that_must_run_fails_when_no_backend_runs_it(smoke_bundle, t
     report = check_parity(smoke_bundle, test_images, batches=(2,), backends=("tensorrt",), precisions=("fp32", "fp16"))
     by_precision = {check.precision: check for check in report.checks}
     assert not by_precision["fp32"].ran and not by_precision["fp16"].ran
-    assert "no TensorRT encoder engine" in by_precision["fp32"].ran_by
+    # the reason is the first thing missing: TensorRT runs on a GPU, and check_parity asked for the CPU
+    # (engines may come from the bundle or the engine cache, so "none in the bundle" is not a reason by itself)
+    assert "TensorRT runs on a GPU: expected device 'cuda[:N]', got 'cpu'" in by_precision["fp32"].ran_by
     assert [m.kind for m in by_precision["fp32"].mismatches] == ["load"] and by_precision["fp16"].ok
     assert "not run here" in by_precision["fp16"].summary()
     with pytest.raises(ParityError, match="no backend ran it here, and fp32 must run"):
