@@ -1,1 +1,2 @@
-"""Benchmarks: `python bench/latency.py` (or `vce bench`) times every backend on the same inputs."""
+"""Benchmarks: `python -m bench` (bench/latency.py) times every backend on the same inputs; `python -m
+bench.gpu_check` is the GPU check (scripts/gpu_check.sh)."""

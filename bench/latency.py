@@ -798,7 +798,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _run(args, bundle, bundle_path, bundle_note, threads)
     finally:
-        if torch is not None:  # leave the caller's process (vce bench, a test session) as it was
+        if torch is not None:  # leave the caller's process (python -m bench, a test session) as it was
             torch.set_num_threads(torch_threads)
 
 
