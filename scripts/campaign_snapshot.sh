@@ -2,9 +2,8 @@
 # Copy the CPU campaign's latest checkpoint (weights + optimiser state), its loss log and its
 # validation NLLs into checkpoints/default/, where the next session resumes from:
 #   bash scripts/campaign_snapshot.sh [RUN_DIR]      (default runs/campaign)
-# The next session resumes exactly where it stopped (docs/training.md):
-#   mkdir -p runs/campaign && cp checkpoints/default/* runs/campaign/
-#   python -m train --preset default --out runs/campaign --threads 1
+# The next session resumes exactly where it stopped: docs/training.md, "The CPU campaign",
+# gives the command (the same schedule flags as the run it continues).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=${1:-runs/campaign}
