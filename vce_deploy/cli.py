@@ -39,14 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-batch", type=int, default=None, help="rows per engine call")
     convert.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     convert.add_argument("--no-condition", action="store_true", help="leave out the condition column")
+    _add_trust_options(convert)
 
     inspect = commands.add_parser("inspect", help="files, shapes, precisions, metrics and engines of a bundle")
     inspect.add_argument("bundle")
     inspect.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    inspect.add_argument("--allow-unsealed", action="store_true", help="show a format-1 manifest without its seal")
 
     verify = commands.add_parser("verify", help="check hashes, and parity against the checkpoint when it is there")
     verify.add_argument("bundle")
     verify.add_argument("--batch", type=int, default=8, help="inputs compared per model (default 8)")
+    verify.add_argument("--signer", action="append", default=[], metavar="PUBKEY",
+                        help="PEM public key that must have signed the bundle (repeat for several); every file hashed")
+    verify.add_argument("--ca", action="append", default=[], metavar="CERT",
+                        help="PEM certificate chain a certificate signature must lead to (repeatable)")
+    verify.add_argument("--allow-unsealed", action="store_true",
+                        help="accept a format-1 manifest without its seal (nothing detects an edited manifest)")
+
+    sign = commands.add_parser("sign", help="sign every file of a bundle (OpenSSF model-signing format)")
+    _add_sign_options(sign)
 
     bench = commands.add_parser("bench", help="the latency benchmark (bench/latency.py)")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to bench/latency.py")
@@ -64,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(passthrough)}")
     except SystemExit as stop:  # argparse: 2 for bad usage, 0 after --help
         return int(stop.code or 0)
-    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "bench": cmd_bench}
+    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "bench": cmd_bench,
+                "sign": cmd_sign}
     try:
         return handlers[args.command](args)
     except (VCEError, OSError) as err:  # OSError: an output that cannot be written, a full disk
@@ -77,7 +89,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     conv = Converter.load(args.bundle, backend=args.backend, precision=args.precision, device=args.device,
-                          max_batch=args.max_batch, threads=args.threads)
+                          max_batch=args.max_batch, threads=args.threads, allow_unsealed=args.allow_unsealed,
+                          trusted_keys=args.trusted_key or None, device_built=args.device_built)
     start = time.perf_counter()
     samples = conv.convert(args.images, args.n, seed=seed, temperature=args.temperature)
     seconds = time.perf_counter() - start
@@ -91,7 +104,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .bundle import Bundle
 
-    bundle = Bundle.load(args.bundle, verify=False)
+    bundle = Bundle.load(args.bundle, verify=False, allow_unsealed=args.allow_unsealed)
     m = bundle.manifest
     if args.json:
         print(json.dumps(m.to_dict(), indent=2))
@@ -130,19 +143,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.batch < 1:
         print(f"vce verify: error: --batch: expected an integer >= 1, got {args.batch}", file=sys.stderr)
         return 2
-    bundle = Bundle.load(args.bundle, verify=True)  # raises BundleError on a missing or changed file
+    bundle = Bundle.load(args.bundle, verify=True, allow_unsealed=args.allow_unsealed)  # every file hashed
     print(f"hashes: {len(bundle.manifest.files)} files match the manifest")
+    if args.signer or args.ca:
+        _verify_signature(args)
     problem = BACKENDS["torch"].unavailable(bundle, "fp32", "cpu")
     if problem is not None:
         print(f"parity: skipped ({problem})")
         return 0
-    reference = Converter.load(bundle.path, backend="torch", device="cpu")
+    reference = Converter.load(bundle.path, backend="torch", device="cpu", allow_unsealed=args.allow_unsealed)
     inputs = _parity_inputs(args.batch, bundle.manifest.latent_dim, bundle.manifest.image_size)
     expected = _outputs(reference, inputs)
     failed = False
     precisions = sorted({e.precision for e in bundle.entries(format="onnx")})
     for precision in precisions:
-        conv = Converter.load(bundle.path, backend="onnxruntime", precision=precision, device="cpu")
+        conv = Converter.load(bundle.path, backend="onnxruntime", precision=precision, device="cpu",
+                              allow_unsealed=args.allow_unsealed)
         got = _outputs(conv, inputs)
         diffs = {name: float(np.max(np.abs(got[name] - expected[name]))) for name in expected}
         tolerance = TOLERANCES[precision]  # the exporter's own
@@ -169,6 +185,48 @@ def _parity_inputs(batch: int, latent_dim: int, size: int) -> dict[str, np.ndarr
 def _outputs(conv, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     mu, logvar = conv.run_encoder(inputs["x"], inputs["q"])
     return {"mu": mu, "logvar": logvar, "y": conv.run_convertor(inputs["z"], inputs["q"])}
+
+
+def _add_trust_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trusted-key", action="append", default=[], metavar="PUBKEY",
+                        help="refuse the bundle unless one of these PEM public keys signed it (repeatable)")
+    parser.add_argument("--device-built", action="append", default=[], metavar="GLOB",
+                        help="unsigned files allowed beside a signed bundle's own, e.g. 'engines/*'")
+    parser.add_argument("--allow-unsealed", action="store_true",
+                        help="accept a format-1 manifest without its seal (nothing detects an edited manifest)")
+
+
+def _add_sign_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle")
+    parser.add_argument("--key", required=True, help="PEM elliptic-curve private key (P-256, P-384 or P-521)")
+    parser.add_argument("--password-env", default=None, metavar="VAR",
+                        help="environment variable holding the key's password (never on the command line)")
+    parser.add_argument("--certificate", default=None, help="PEM signing certificate for --key (certificate mode)")
+    parser.add_argument("--chain", action="append", default=[], help="PEM intermediate certificates (repeatable)")
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    import os
+
+    from .signing import sign_bundle
+
+    password = None
+    if args.password_env is not None:
+        password = os.environ.get(args.password_env)
+        if password is None:
+            print(f"vce sign: error: --password-env {args.password_env}: expected that environment variable to be "
+                  "set, got nothing", file=sys.stderr)
+            return 1
+    path = sign_bundle(args.bundle, args.key, password=password, certificate=args.certificate, chain=args.chain)
+    print(f"signed: {path} covers every file of {args.bundle}")
+    return 0
+
+
+def _verify_signature(args: argparse.Namespace) -> None:
+    from .signing import verify_bundle_signature
+
+    who = verify_bundle_signature(args.bundle, args.signer, args.ca)
+    print(f"signature: valid, by {who}; every file hashed against it")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
