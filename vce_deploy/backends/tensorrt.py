@@ -190,11 +190,14 @@ class TensorRTBackend(Backend):
         self._runners: dict[str, EngineRunner] = {}
         self._cupy = cuda.cupy_or_none()
         try:
-            for role in MODELS:
-                entry = bundle.entries(role, "tensorrt", precision)[0]
+            entries = {role: bundle.entries(role, "tensorrt", precision)[0] for role in MODELS}
+            for role, entry in entries.items():
                 check_entry_io(entry, role, str(bundle.path), self.image_size, self.latent_dim)
+            # every engine read and hashed (once) before any is deserialized; they load from these bytes
+            verified = {role: bundle.read_verified(entry) for role, entry in entries.items()}
+            for role, entry in entries.items():
                 runner = EngineRunner(trt, self._runtime, bundle.file(entry.path), role, entry.engine.max_batch,
-                                      data=bundle.read_verified(entry))  # the bytes that were hashed
+                                      data=verified.pop(role))
                 self._runners[role] = runner
                 compare_io(entry, *runner.io(), str(bundle.path))
         except BaseException:
