@@ -56,7 +56,7 @@ def load_public_key(key: Any, what: str = "trusted key"):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    if isinstance(key, ec.EllipticCurvePublicKey):
+    if hasattr(key, "public_bytes") and hasattr(key, "verify"):  # a cryptography public key of any type
         public = key
     else:
         if isinstance(key, (str, os.PathLike)):
@@ -265,6 +265,8 @@ def sign_bundle(path: str | os.PathLike, key: str | os.PathLike, password: str |
     if unlisted:
         raise BundleError(f"{bundle.path}: expected only the manifest's files in the bundle, got unlisted "
                           f"{unlisted[:10]}; remove them (the signature would cover files nothing checks)")
+    if certificate is not None and not chain:  # model-signing needs the chain it embeds for verifiers
+        raise InputError("--certificate: expected --chain with the issuing CA (and any intermediates), got none")
     for name, value in (("--key", key), ("--certificate", certificate), *(("--chain", c) for c in chain)):
         if value is not None and not Path(value).is_file():
             raise InputError(f"{name} {str(value)!r}: expected a PEM file, but it does not exist")
