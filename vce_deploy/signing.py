@@ -52,7 +52,6 @@ def _manifest_name() -> str:
 def load_public_key(key: Any, what: str = "trusted key"):
     """An elliptic-curve public key from a cryptography key object, PEM bytes, or a path to a PEM
     public key or certificate (a certificate pins its key; chains are checked by `vce verify`)."""
-    from cryptography import x509
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -72,6 +71,8 @@ def load_public_key(key: Any, what: str = "trusted key"):
                              f"got {type(key).__name__}")
         try:
             if b"-----BEGIN CERTIFICATE-----" in pem:
+                from cryptography import x509  # only here: it is most of cryptography's import time
+
                 public = x509.load_pem_x509_certificate(pem).public_key()
             else:
                 public = serialization.load_pem_public_key(pem)
