@@ -13,7 +13,10 @@ change of machine load hits all alike:
 - this tree: only the two files the backend loads are hashed, once, as they are read;
 - this tree, signed: the same bundle signed with a key made for the run and loaded with
   trusted_keys (signature verification added).
-Prints the median and the spread (min..max) of each, and the CPU model.
+Each process also times the bundle checks alone, as its tree's Converter.load does them (the part
+issue 16 changed). Each process loads LOADS_PER_PROCESS times: the first load (lazy imports included) and the median of
+the later ones are reported separately. Prints medians, spreads (min..max), the difference to the
+baseline paired by round, and the CPU model.
 """
 from __future__ import annotations
 
@@ -31,15 +34,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_COMMIT = "8500f16"  # main when issue 16 started
-# one measurement: the process prints the seconds Converter.load took
+LOADS_PER_PROCESS = 5
+# one measurement: the process loads LOADS_PER_PROCESS times and prints the median seconds (the
+# first load pays for lazy imports: onnxruntime, and cryptography when signed)
 PROBE = """
-import json, sys, time, warnings
+import json, statistics, sys, time
 from vce_deploy import Converter
-bundle, precision, keys = sys.argv[1] or None, sys.argv[2], json.loads(sys.argv[3])
+bundle, precision, keys, loads = sys.argv[1] or None, sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 extra = {"trusted_keys": keys} if keys else {}
-start = time.perf_counter()
-conv = Converter.load(bundle, backend="onnxruntime", precision=precision, device="cpu", threads=1, **extra)
-print(time.perf_counter() - start)
+seconds = []
+for _ in range(loads):
+    start = time.perf_counter()
+    Converter.load(bundle, backend="onnxruntime", precision=precision, device="cpu", threads=1, **extra)
+    seconds.append(time.perf_counter() - start)
+# the bundle checks alone, as each tree's Converter.load does them, without ONNX Runtime
+from vce_deploy.bundle import Bundle
+checks = []
+for _ in range(loads):
+    start = time.perf_counter()
+    if hasattr(Bundle, "check_present"):  # this tree: check presence, hash the two used files as read
+        loaded = Bundle.load(bundle, verify=False, **extra)
+        loaded.check_present()
+    else:  # the baseline: hash every file, then the two used ones again as read
+        loaded = Bundle.load(bundle)
+    for role in ("encoder", "convertor"):
+        loaded.read_verified(loaded.model_entry(role, precision))
+    checks.append(time.perf_counter() - start)
+print(seconds[0], statistics.median(seconds[1:]), statistics.median(checks[1:]))
 """
 
 
@@ -83,11 +104,13 @@ def signed_copy(into: Path) -> tuple[Path, Path]:
     return bundle, public
 
 
-def measure(tree: Path, bundle: str, precision: str, keys: list[str]) -> float:
+def measure(tree: Path, bundle: str, precision: str, keys: list[str]) -> tuple[float, float, float]:
+    """(first load in a fresh process, median of the next ones, median of the bundle checks alone) in seconds."""
     env = dict(os.environ, PYTHONPATH=str(tree))
-    out = subprocess.run([sys.executable, "-c", PROBE, bundle, precision, json.dumps(keys)], env=env,
-                         capture_output=True, text=True, check=True, cwd=tree)
-    return float(out.stdout.strip().splitlines()[-1])
+    out = subprocess.run([sys.executable, "-c", PROBE, bundle, precision, json.dumps(keys), str(LOADS_PER_PROCESS)],
+                         env=env, capture_output=True, text=True, check=True, cwd=tree)
+    first, repeat, checks = out.stdout.strip().splitlines()[-1].split()
+    return float(first), float(repeat), float(checks)
 
 
 def main(argv=None) -> int:
@@ -104,17 +127,24 @@ def main(argv=None) -> int:
         contenders = {f"baseline {args.baseline}": (baseline, "", []),
                       "this tree": (ROOT, "", []),
                       "this tree, signed, trusted_keys": (ROOT, str(signed), [str(public)])}
-        times: dict[str, list[float]] = {name: [] for name in contenders}
+        times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in contenders}
         for name, (tree, bundle, keys) in contenders.items():  # warm-up: page cache, .pyc files
             measure(tree, bundle, args.precision, keys)
         for _ in range(args.rounds):
             for name, (tree, bundle, keys) in contenders.items():
                 times[name].append(measure(tree, bundle, args.precision, keys))
-    print(f"Converter.load(default bundle, onnxruntime, {args.precision}, cpu, threads=1), fresh process each, "
-          f"{args.rounds} interleaved rounds, CPU: {cpu_model()} ({os.cpu_count()} logical CPUs)")
-    for name, values in times.items():
-        ms = sorted(v * 1000 for v in values)
-        print(f"  {name:<34} median {statistics.median(ms):7.1f} ms   spread {ms[0]:.1f}..{ms[-1]:.1f} ms")
+    print(f"Converter.load(default bundle, onnxruntime, {args.precision}, cpu, threads=1), {args.rounds} interleaved "
+          f"rounds of one fresh process each, CPU: {cpu_model()} ({os.cpu_count()} logical CPUs)")
+    base = next(iter(times))
+    for column, label in ((0, "first load in a process"), (1, f"later loads (median of {LOADS_PER_PROCESS - 1})"),
+                          (2, "the bundle checks and reads alone (manifest, hashes, the two model files' bytes)")):
+        print(f" {label}:")
+        for name, values in times.items():
+            ms = sorted(v[column] * 1000 for v in values)
+            paired = sorted((v[column] - b[column]) * 1000 for v, b in zip(values, times[base]))
+            vs = "" if name == base else (f"   minus baseline, paired by round: median {statistics.median(paired):+.1f} "
+                                          f"ms ({paired[0]:+.1f}..{paired[-1]:+.1f})")
+            print(f"  {name:<34} median {statistics.median(ms):7.1f} ms  spread {ms[0]:.1f}..{ms[-1]:.1f}{vs}")
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "precision": args.precision, "seconds": times},
                                               indent=2) + "\n")
