@@ -6,7 +6,7 @@ Runs one target of fuzz/targets.py under atheris, seeded from tests/fuzz_corpus/
 to a scratch folder, so new inputs never land in the repository unless you pass a folder).
 libFuzzer stops at the first input that escapes with anything but a VCEError, hangs past
 -timeout or passes -rss_limit_mb, and writes it as crash-*/timeout-*/oom-*; a run that ends
-with "Done N runs" had zero such inputs. Add a finding to tests/fuzz_corpus/TARGET/ once fixed.
+with "Done N in S second(s)" had zero such inputs. Add a finding to tests/fuzz_corpus/TARGET/ once fixed.
 """
 from __future__ import annotations
 

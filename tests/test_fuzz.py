@@ -2,7 +2,7 @@
 (manifest parser, bundle loader, signature parser, preprocess), each ending in a valid result
 or a VCEError, never another exception; and the committed corpus replayed (tests/fuzz_corpus).
 
-Hypothesis drives it here (~30 s on 2 cores); the long coverage-guided runs use atheris:
+Hypothesis drives it here (~7,000 inputs, under a minute on 2 busy cores); the long coverage-guided runs use atheris:
 `python -m fuzz TARGET -atheris_runs=N` (docs/signing.md "Fuzzing"). More examples:
 VCE_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py.
 """
@@ -70,11 +70,14 @@ def mutated(draw, base: dict):
     return raw
 
 
-DEFAULT_MANIFEST = json.loads((DEFAULT_BUNDLE / "manifest.json").read_text())
+# the shipped manifest's structure, without the free-form records (metrics, configs) that would
+# make most mutations land where the parser only checks "is an object"
+DEFAULT_MANIFEST = {k: v for k, v in json.loads((DEFAULT_BUNDLE / "manifest.json").read_text()).items()
+                    if k not in ("metrics", "exporter", "train_config", "model_config", "preprocessing")}
 SMALL = _small_manifest()
 
 
-@settings(max_examples=examples(2500), **FAST)
+@settings(max_examples=examples(1000), **FAST)
 @given(st.one_of(mutated(DEFAULT_MANIFEST), mutated(SMALL), JSON), st.booleans())
 def test_manifest_parser(raw, as_text):
     data = json.dumps(raw).encode() if as_text else json.dumps(raw, indent=2).encode()
@@ -99,7 +102,7 @@ STATEMENT = {"_type": STATEMENT_TYPE, "predicateType": PREDICATE_TYPE, "subject"
                            "resources": [{"name": "manifest.json", "algorithm": "sha256", "digest": "ab" * 32}]}}
 
 
-@settings(max_examples=examples(2500), **FAST)
+@settings(max_examples=examples(1000), **FAST)
 @given(mutated(STATEMENT) | JSON, st.binary(max_size=80),
        st.sampled_from([PAYLOAD_TYPE, "text/plain", ""]), st.booleans())
 def test_signature_parser(statement, sig, payload_type, as_base64):
