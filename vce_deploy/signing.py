@@ -164,9 +164,13 @@ def signed_digests(payload: bytes, where: str) -> dict[str, str]:
 def check_signed_manifest(root: Path, manifest_data: bytes, trusted_keys: Iterable[Any]) -> dict[str, str]:
     """Refuse unless bundle.sig is signed by one of trusted_keys and signs these manifest bytes.
     Returns the signed {file: sha256}. Nothing of the bundle but bundle.sig is parsed here."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
+    try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+    except ImportError as err:
+        raise InputError(f"trusted_keys: checking signatures needs cryptography: expected `pip install "
+                         f"'vce-deploy[signing]'`, got {err}") from err
 
     if isinstance(trusted_keys, (str, bytes, os.PathLike)) or not hasattr(trusted_keys, "__iter__"):
         raise InputError(f"trusted_keys: expected a list of public keys (paths, PEM bytes or key objects), "
