@@ -64,6 +64,22 @@ print(seconds[0], statistics.median(seconds[1:]), statistics.median(checks[1:]))
 """
 
 
+# why the load-time signature check is written on cryptography rather than model-signing: what each
+# costs to import in a fresh process (timed in the same rounds)
+IMPORTS = {
+    "model-signing (sign / full verify)": "import model_signing.signing, model_signing.verifying",
+    "cryptography (trusted_keys check)": "from cryptography.hazmat.primitives import hashes, serialization\n"
+                                         "from cryptography.hazmat.primitives.asymmetric import ec\n"
+                                         "from cryptography.exceptions import InvalidSignature",
+}
+
+
+def import_seconds(statement: str) -> float:
+    code = f"import time\nstart = time.perf_counter()\n{statement}\nprint(time.perf_counter() - start)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -130,9 +146,12 @@ def main(argv=None) -> int:
         times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in contenders}
         for name, (tree, bundle, keys) in contenders.items():  # warm-up: page cache, .pyc files
             measure(tree, bundle, args.precision, keys)
+        imports: dict[str, list[float]] = {name: [] for name in IMPORTS}
         for _ in range(args.rounds):
             for name, (tree, bundle, keys) in contenders.items():
                 times[name].append(measure(tree, bundle, args.precision, keys))
+            for name, statement in IMPORTS.items():
+                imports[name].append(import_seconds(statement))
     print(f"Converter.load(default bundle, onnxruntime, {args.precision}, cpu, threads=1), {args.rounds} interleaved "
           f"rounds of one fresh process each, CPU: {cpu_model()} ({os.cpu_count()} logical CPUs)")
     base = next(iter(times))
@@ -145,9 +164,13 @@ def main(argv=None) -> int:
             vs = "" if name == base else (f"   minus baseline, paired by round: median {statistics.median(paired):+.1f} "
                                           f"ms ({paired[0]:+.1f}..{paired[-1]:+.1f})")
             print(f"  {name:<34} median {statistics.median(ms):7.1f} ms  spread {ms[0]:.1f}..{ms[-1]:.1f}{vs}")
+    print(" import time in a fresh process:")
+    for name, values in imports.items():
+        ms = sorted(v * 1000 for v in values)
+        print(f"  {name:<34} median {statistics.median(ms):7.1f} ms  spread {ms[0]:.1f}..{ms[-1]:.1f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "precision": args.precision, "seconds": times},
-                                              indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"cpu": cpu_model(), "precision": args.precision, "seconds": times,
+                                               "imports": imports}, indent=2) + "\n")
     return 0
 
 
