@@ -2,8 +2,9 @@
 (manifest parser, bundle loader, signature parser, preprocess), each ending in a valid result
 or a VCEError, never another exception; and the committed corpus replayed (tests/fuzz_corpus).
 
-Hypothesis drives it here (~7,000 inputs, under a minute on 2 busy cores); the long coverage-guided runs use atheris:
-`python -m fuzz TARGET -atheris_runs=N` (docs/signing.md "Fuzzing"). More examples:
+Hypothesis drives it here (~6,000 inputs, about a minute on 2 busy cores); the long
+coverage-guided runs use atheris: `python -m fuzz TARGET -atheris_runs=N` (docs/signing.md
+"Fuzzing"). More examples:
 VCE_FUZZ_EXAMPLES=20000 pytest tests/test_fuzz.py.
 """
 from __future__ import annotations
@@ -77,7 +78,7 @@ DEFAULT_MANIFEST = {k: v for k, v in json.loads((DEFAULT_BUNDLE / "manifest.json
 SMALL = _small_manifest()
 
 
-@settings(max_examples=examples(1000), **FAST)
+@settings(max_examples=examples(700), **FAST)
 @given(st.one_of(mutated(DEFAULT_MANIFEST), mutated(SMALL), JSON), st.booleans())
 def test_manifest_parser(raw, as_text):
     data = json.dumps(raw).encode() if as_text else json.dumps(raw, indent=2).encode()
@@ -102,7 +103,7 @@ STATEMENT = {"_type": STATEMENT_TYPE, "predicateType": PREDICATE_TYPE, "subject"
                            "resources": [{"name": "manifest.json", "algorithm": "sha256", "digest": "ab" * 32}]}}
 
 
-@settings(max_examples=examples(1000), **FAST)
+@settings(max_examples=examples(700), **FAST)
 @given(mutated(STATEMENT) | JSON, st.binary(max_size=80),
        st.sampled_from([PAYLOAD_TYPE, "text/plain", ""]), st.booleans())
 def test_signature_parser(statement, sig, payload_type, as_base64):
