@@ -35,10 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-batch", type=int, default=None, help="rows per engine call")
     convert.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     convert.add_argument("--no-condition", action="store_true", help="leave out the condition column")
+    _add_trust_options(convert)
 
     inspect = commands.add_parser("inspect", help="files, shapes, precisions, metrics and engines of a bundle")
     inspect.add_argument("bundle")
     inspect.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    inspect.add_argument("--allow-unsealed", action="store_true", help="show a format-1 manifest without its seal")
 
     verify = commands.add_parser("verify", help="check hashes, golden outputs on every backend here, and parity "
                                                       "against the checkpoint when torch is there")
@@ -47,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--split", default="small", choices=("small", "paper"),
                         help="Omniglot split whose test glyphs are compared on (default small)")
     verify.add_argument("--data-dir", default=None, help="folder with the Omniglot zips")
+    verify.add_argument("--signer", action="append", default=[], metavar="PUBKEY",
+                        help="PEM public key that must have signed the bundle (repeat for several); every file hashed")
+    verify.add_argument("--ca", action="append", default=[], metavar="CERT",
+                        help="PEM certificate chain a certificate signature must lead to (repeatable)")
+    verify.add_argument("--allow-unsealed", action="store_true",
+                        help="accept a format-1 manifest without its seal (nothing detects an edited manifest)")
+
+    sign = commands.add_parser("sign", help="sign every file of a bundle (OpenSSF model-signing format)")
+    _add_sign_options(sign)
 
     _add_build_parser(commands)
     return parser
@@ -73,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse: 2 for bad usage, 0 after --help
         return int(stop.code or 0)
-    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "build": cmd_build}
+    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "build": cmd_build,
+                "sign": cmd_sign}
     try:
         return handlers[args.command](args)
     except (VCEError, OSError) as err:  # OSError: an output that cannot be written, a full disk
@@ -86,7 +98,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     converter = Converter.load(args.bundle, backend=args.backend, precision=args.precision, device=args.device,
-                          max_batch=args.max_batch, threads=args.threads)
+                               max_batch=args.max_batch, threads=args.threads, allow_unsealed=args.allow_unsealed,
+                               trusted_keys=args.trusted_key or None, device_built=args.device_built)
     start = time.perf_counter()
     samples = converter.convert(args.images, args.n, seed=seed, temperature=args.temperature)
     seconds = time.perf_counter() - start
@@ -100,7 +113,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .bundle import Bundle
 
-    bundle = Bundle.load(args.bundle, verify=False)
+    bundle = Bundle.load(args.bundle, verify=False, allow_unsealed=args.allow_unsealed)
     m = bundle.manifest
     if args.json:
         print(json.dumps(m.to_dict(), indent=2))
@@ -137,9 +150,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.batch < 1:
         print(f"vce verify: error: --batch: expected an integer >= 1, got {args.batch}", file=sys.stderr)
         return 2
-    bundle = Bundle.load(args.bundle, verify=True)  # raises BundleError on a missing or changed file
+    bundle = Bundle.load(args.bundle, verify=True, allow_unsealed=args.allow_unsealed)  # every file hashed
     print(f"hashes: {len(bundle.manifest.files)} files match the manifest")
-    golden_failed = _verify_golden(bundle)
+    if args.signer or args.ca:
+        _verify_signature(args)
+    golden_failed = _verify_golden(bundle, args.allow_unsealed)
     parity_failed = _verify_parity(bundle, args)
     if golden_failed is None and parity_failed is None:
         print("vce verify: error: no outputs were checked: the bundle has no golden outputs (re-export it, or "
@@ -149,7 +164,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if golden_failed or parity_failed else 0
 
 
-def _verify_golden(bundle) -> bool | None:
+def _verify_golden(bundle, allow_unsealed: bool = False) -> bool | None:
     """Every precision and engine runnable here against the bundle's golden outputs (no torch
     needed): True if any failed, None if nothing was compared (no golden set, or nothing ran
     here). vce_deploy/golden.py."""
@@ -159,7 +174,7 @@ def _verify_golden(bundle) -> bool | None:
     if golden is None:
         print("golden: none in this bundle (exported before golden outputs existed)")
         return None
-    results = verify_golden(bundle, golden)
+    results = verify_golden(bundle, golden, allow_unsealed=allow_unsealed)
     for result in results:
         print(result.line())
     ran = sum(r.status != "skipped" for r in results)
@@ -183,13 +198,55 @@ def _verify_parity(bundle, args: argparse.Namespace) -> bool | None:
     except (FileNotFoundError, ValueError) as err:
         print(f"parity: skipped (no Omniglot glyphs to compare on: {err}; pass --data-dir)")
         return None
-    report = check_parity(bundle.path, glyphs, batches=(args.batch,))
+    report = check_parity(bundle.path, glyphs, batches=(args.batch,), allow_unsealed=args.allow_unsealed)
     for check in report.checks:
         print(check.summary())
     engines = bundle.entries(format="tensorrt")
     if engines:
         print(f"engines: {len(engines)} listed; hashes checked, outputs compared where a backend ran them above")
     return not report.ok
+
+
+def _add_trust_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trusted-key", action="append", default=[], metavar="PUBKEY",
+                        help="refuse the bundle unless one of these PEM public keys signed it (repeatable)")
+    parser.add_argument("--device-built", action="append", default=[], metavar="GLOB",
+                        help="unsigned files allowed beside a signed bundle's own, e.g. 'engines/*'")
+    parser.add_argument("--allow-unsealed", action="store_true",
+                        help="accept a format-1 manifest without its seal (nothing detects an edited manifest)")
+
+
+def _add_sign_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle")
+    parser.add_argument("--key", required=True, help="PEM elliptic-curve private key (P-256, P-384 or P-521)")
+    parser.add_argument("--password-env", default=None, metavar="VAR",
+                        help="environment variable holding the key's password (never on the command line)")
+    parser.add_argument("--certificate", default=None, help="PEM signing certificate for --key (certificate mode)")
+    parser.add_argument("--chain", action="append", default=[], help="PEM intermediate certificates (repeatable)")
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    import os
+
+    from .signing import sign_bundle
+
+    password = None
+    if args.password_env is not None:
+        password = os.environ.get(args.password_env)
+        if password is None:
+            print(f"vce sign: error: --password-env {args.password_env}: expected that environment variable to be "
+                  "set, got nothing", file=sys.stderr)
+            return 1
+    path = sign_bundle(args.bundle, args.key, password=password, certificate=args.certificate, chain=args.chain)
+    print(f"signed: {path} covers every file of {args.bundle}")
+    return 0
+
+
+def _verify_signature(args: argparse.Namespace) -> None:
+    from .signing import verify_bundle_signature
+
+    who = verify_bundle_signature(args.bundle, args.signer, args.ca)
+    print(f"signature: valid, by {who}; every file hashed against it")
 
 
 def _specs(specs) -> str:

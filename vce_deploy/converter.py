@@ -91,7 +91,8 @@ class Converter:
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, backend: str = "auto", precision: str = "fp32",
-             device: str | None = None, max_batch: int | None = None, threads: int | None = None) -> "Converter":
+             device: str | None = None, max_batch: int | None = None, threads: int | None = None, *,
+             allow_unsealed: bool = False, trusted_keys: Any = None, device_built: Any = ()) -> "Converter":
         """Verify the bundle at `path` (None: the shipped default) and load one backend.
 
         backend: "auto" (a TensorRT engine built for this GPU, else ONNX Runtime on its GPU
@@ -99,6 +100,8 @@ class Converter:
         device: None (the backend's best), "cpu", "cuda" or "cuda:N".
         max_batch: rows per engine call (default: the engine profile's max, or 256).
         threads: intra-op threads (default: physical cores).
+        allow_unsealed, trusted_keys, device_built: see Bundle.load and docs/signing.md; with
+        trusted_keys an unsigned or wrongly signed bundle is refused before anything is parsed.
         """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InputError(f"path: expected None, a str or os.PathLike bundle directory, got {type(path).__name__}")
@@ -113,7 +116,9 @@ class Converter:
             max_batch = _positive_int(max_batch, "max_batch")
         if threads is not None:
             threads = _positive_int(threads, "threads")
-        bundle = Bundle.load(path)  # verifies every file's sha256 before anything runs
+        bundle = Bundle.load(path, verify=False, allow_unsealed=allow_unsealed, trusted_keys=trusted_keys,
+                             device_built=device_built)
+        bundle.check_present()  # the files the backend loads are hashed as it reads them (read_verified)
         if bundle.manifest.image_size != IMAGE_SIZE:
             raise BundleError(f"{bundle.path}: expected image_size {IMAGE_SIZE} (what preprocess makes), "
                               f"the manifest says {bundle.manifest.image_size}")

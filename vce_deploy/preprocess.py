@@ -82,6 +82,8 @@ def preprocess(image: Any, what: str = "image") -> np.ndarray:
     elif isinstance(image, np.ndarray):
         if image.ndim != 2:
             raise InputError(f"{what}: expected a 2-D (H, W) array, got shape {image.shape}")
+        if image.size == 0:  # before the range check: min() of nothing has no answer (found by fuzz/)
+            raise InputError(f"{what}: expected a non-empty image, got shape {image.shape}")
         _check_pixels(*image.shape, what)
         gray = _to_unit_float(image, what)
     else:
