@@ -1,0 +1,168 @@
+"""Dynamic batching: merged requests get exactly their lone answers, batches really merge,
+and the queue is bounded, times out and can be cancelled."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from vce_deploy import Batcher, Converter, InputError, OverloadedError, RequestTimeoutError
+from vce_deploy.batching import BatchQueue, convert_merged, make_request
+
+
+@pytest.fixture(scope="module")
+def conv() -> Converter:
+    return Converter.load(backend="onnxruntime", device="cpu", threads=1)  # the shipped bundle
+
+
+def glyph(k: int) -> np.ndarray:
+    """A distinct 32x32 glyph per k: a bar at a position that depends on k."""
+    image = np.full((32, 32), 255, np.uint8)
+    image[4:28, 2 + (k % 26):6 + (k % 26)] = 0
+    image[4 + (k % 20):8 + (k % 20), 4:28] = 0
+    return image
+
+
+CASES = [(glyph(0), 1, 0), (glyph(1), 3, 1), (np.stack([glyph(2), glyph(3)]), 2, 2), (glyph(4), 5, 12345),
+         (glyph(5), 1, 2**31 - 1), (glyph(6), 4, 7)]
+
+
+def test_merged_equals_alone(conv):
+    """One merged engine batch of requests with different seeds, n and B: every answer equals
+    the same call made alone (noise per request, never per batch)."""
+    requests = [make_request(conv, images, n, seed) for images, n, seed in CASES]
+    merged = convert_merged(conv, requests)
+    for (images, n, seed), got in zip(CASES, merged):
+        alone = conv.convert(images, n, seed=seed)
+        assert got.shape == alone.shape
+        np.testing.assert_allclose(got, alone, rtol=0, atol=1e-5)
+    # and the merge is not a no-op: a different seed gives a different answer
+    other = conv.convert(CASES[1][0], CASES[1][1], seed=99)
+    assert np.abs(other - merged[1]).max() > 1e-3
+
+
+def test_merged_across_chunks(conv):
+    """Requests whose merged rows exceed the converter's max_batch are cut into engine chunks
+    and still come back intact and in order."""
+    small = Converter.load(backend="onnxruntime", device="cpu", threads=1, max_batch=4)
+    requests = [make_request(small, glyph(k), 3, seed=k) for k in range(5)]  # 15 rows, chunks of 4
+    for k, got in enumerate(convert_merged(small, requests)):
+        np.testing.assert_allclose(got, conv.convert(glyph(k), 3, seed=k), rtol=0, atol=1e-5)
+
+
+def test_threads_merge_and_match(conv):
+    """32 threads at once: batches of more than one request happen, and no answer is mixed up."""
+    sizes = []
+    with Batcher(conv, max_batch=64, max_wait_ms=50, on_batch=lambda rows, count: sizes.append(count)) as batcher:
+        with ThreadPoolExecutor(32) as pool:
+            answers = list(pool.map(lambda k: batcher.convert(glyph(k), 2, seed=1000 + k), range(32)))
+    for k, got in enumerate(answers):
+        np.testing.assert_allclose(got, conv.convert(glyph(k), 2, seed=1000 + k), rtol=0, atol=1e-5)
+    assert sum(sizes) == 32 and max(sizes) > 1, sizes
+
+
+def test_asyncio_merge_and_match(conv):
+    async def main():
+        with Batcher(conv, max_batch=64, max_wait_ms=50) as batcher:
+            return await asyncio.gather(*(batcher.convert_async(glyph(k), 1, seed=k) for k in range(16)))
+
+    for k, got in enumerate(asyncio.run(main())):
+        np.testing.assert_allclose(got, conv.convert(glyph(k), 1, seed=k), rtol=0, atol=1e-5)
+
+
+def test_bad_input_fails_its_own_call_only(conv):
+    with Batcher(conv, max_wait_ms=20) as batcher:
+        good = batcher.submit(glyph(0), 1, seed=0)
+        with pytest.raises(InputError, match="n: expected an integer >= 1"):
+            batcher.convert(glyph(1), 0, seed=0)
+        with pytest.raises(InputError, match="seed"):
+            batcher.convert(glyph(1), 1, seed="7")
+        np.testing.assert_allclose(good.result(5), conv.convert(glyph(0), 1, seed=0), atol=1e-5)
+
+
+class Gate:
+    """A handler that blocks until released: lets a test fill the queue deterministically."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def __call__(self, items):
+        self.started.set()
+        self.release.wait(10)
+        return [item * 2 for item in items]
+
+
+def test_bounded_queue_overloads_clearly():
+    gate = Gate()
+    queue = BatchQueue(gate, max_batch=1, max_wait_ms=0, max_queue=2)
+    first = queue.submit(1, 1)
+    gate.started.wait(5)  # the worker holds item 1; the queue is empty again
+    queued = [queue.submit(2, 1), queue.submit(3, 1)]
+    with pytest.raises(OverloadedError, match=r"2 requests already queued \(max_queue = 2\)"):
+        queue.submit(4, 1)
+    gate.release.set()
+    assert [first.result(5)] + [f.result(5) for f in queued] == [2, 4, 6]
+    queue.close()
+    with pytest.raises(OverloadedError, match="shutting down"):
+        queue.submit(5, 1)
+
+
+def test_timeout_and_cancellation_withdraw_requests():
+    gate = Gate()
+    seen = []
+    queue = BatchQueue(lambda items: seen.extend(items) or gate(items), max_batch=1, max_wait_ms=0)
+    queue.submit(1, 1)
+    gate.started.wait(5)
+    expiring = queue.submit(2, 1, timeout=0.01)
+    cancelled = queue.submit(3, 1)
+    assert cancelled.cancel()
+    kept = queue.submit(4, 1)
+    time.sleep(0.05)
+    gate.release.set()
+    with pytest.raises(RequestTimeoutError, match="past its timeout"):
+        expiring.result(5)
+    assert kept.result(5) == 8
+    assert seen == [1, 4]  # neither the expired nor the cancelled item reached the handler
+    queue.close()
+
+
+def test_batch_closes_on_rows_or_wait():
+    sizes = []
+    queue = BatchQueue(lambda items: items, max_batch=4, max_wait_ms=200, on_batch=lambda rows, n: sizes.append(rows))
+    start = time.monotonic()
+    futures = [queue.submit(k, 2) for k in range(2)]  # 4 rows: full, runs without waiting 200 ms
+    [f.result(5) for f in futures]
+    assert time.monotonic() - start < 0.15
+    lone = queue.submit(9, 1)
+    assert lone.result(5) == 9 and time.monotonic() - start >= 0.2  # alone: waited max_wait
+    big = queue.submit(10, 50)  # larger than max_batch: runs alone
+    assert big.result(5) == 10
+    assert sizes == [4, 1, 50]
+    queue.close()
+
+
+def test_close_drains_and_handler_errors_reach_callers():
+    def failing(items):
+        raise RuntimeError("engine fell over")
+
+    queue = BatchQueue(failing, max_batch=8, max_wait_ms=100)
+    futures = [queue.submit(k, 1) for k in range(3)]
+    queue.close(wait=True)  # drains: the queued items run (and fail) before close returns
+    for future in futures:
+        with pytest.raises(RuntimeError, match="engine fell over"):
+            future.result(0)
+
+
+def test_timeout_from_caller(conv):
+    with Batcher(conv, max_wait_ms=0) as batcher:
+        gate = threading.Event()
+        original = batcher._queue._handler
+        batcher._queue._handler = lambda items: gate.wait(5) and original(items)
+        with pytest.raises(RequestTimeoutError, match="within the timeout of 0.05 s"):
+            batcher.convert(glyph(0), 1, seed=0, timeout=0.05)
+        gate.set()
