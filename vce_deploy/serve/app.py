@@ -25,7 +25,7 @@ from ..errors import InputError, OverloadedError, RequestTimeoutError
 from ..preprocess import preprocess, preprocess_batch
 from .metrics import ServeMetrics
 from .requests import (IMAGE_TYPES, ApiError, Options, ServeSettings, checked_request, image_from_bytes,
-                       json_answer, json_body, json_images, media_type, options, png_grid)
+                       json_answer, media_type, options, parse_plain, png_grid, unsupported)
 
 CONVERT_DOC = """n variations of each posted glyph.
 
@@ -126,10 +126,6 @@ def create_app(converter, settings: ServeSettings | None = None):
         """(the option fields, the images under each key) from any of the accepted body types."""
         kind = media_type(request.headers.get("content-type"))
         fields: dict[str, Any] = dict(request.query_params)
-        if kind == "application/json":
-            data = json_body(body)
-            fields.update({k: data[k] for k in ("n", "seed", "temperature", "format") if k in data})
-            return fields, {key: json_images(data, key, settings) for key in image_keys}
         if kind == "multipart/form-data":
             replay = StarletteRequest(request.scope, _replay(body))
             try:
@@ -149,8 +145,9 @@ def create_app(converter, settings: ServeSettings | None = None):
             return fields, images
         if kind in IMAGE_TYPES and len(image_keys) == 1:
             return fields, {image_keys[0]: [await decode(body, "body")]}
-        accepted = ["application/json", "multipart/form-data"] + (list(IMAGE_TYPES) if len(image_keys) == 1 else [])
-        raise ApiError(415, "unsupported_media_type", f"Content-Type: expected one of {accepted}, got {kind or 'none'!r}")
+        if kind == "application/json":
+            return parse_plain(kind, body, fields, image_keys, settings)
+        raise unsupported(kind, image_keys, multipart=True)
 
     async def decode(data: bytes, what: str):
         """Header checked here; small images are left as bytes (decoded during preprocessing,

@@ -168,6 +168,25 @@ def json_images(data: Mapping, key: str, settings: ServeSettings) -> list[np.nda
     return [image_from_json(item, f"{key}s[{i}]", settings) for i, item in enumerate(many)]
 
 
+def parse_plain(kind: str, body: bytes, fields: dict, image_keys: tuple[str, ...],
+                settings: ServeSettings) -> tuple[dict, dict[str, list]]:
+    """A JSON body, or a raw image body (one image key only) -> (option fields, {key: images}).
+    Image bytes are header-checked here and decoded later, in preprocessing."""
+    if kind == "application/json":
+        data = json_body(body)
+        fields.update({k: data[k] for k in ("n", "seed", "temperature", "format") if k in data})
+        return fields, {key: json_images(data, key, settings) for key in image_keys}
+    if kind in IMAGE_TYPES and len(image_keys) == 1:
+        return fields, {image_keys[0]: [image_from_bytes(body, "body", settings)[0]]}
+    raise unsupported(kind, image_keys)
+
+
+def unsupported(kind: str, image_keys: tuple[str, ...], multipart: bool = False) -> ApiError:
+    accepted = ["application/json"] + (["multipart/form-data"] if multipart else []) + (
+        list(IMAGE_TYPES) if len(image_keys) == 1 else [])
+    return ApiError(415, "unsupported_media_type", f"Content-Type: expected one of {accepted}, got {kind or 'none'!r}")
+
+
 def checked_request(converter, images: list, opts: Options) -> ConvertRequest:
     """Preprocess and check as `Converter.convert` does; its InputError becomes a 400."""
     try:
