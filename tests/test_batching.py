@@ -166,3 +166,25 @@ def test_timeout_from_caller(conv):
         with pytest.raises(RequestTimeoutError, match="within the timeout of 0.05 s"):
             batcher.convert(glyph(0), 1, seed=0, timeout=0.05)
         gate.set()
+
+
+def test_cancelling_an_asyncio_task_withdraws_its_request(conv):
+    seen = []
+
+    async def main():
+        with Batcher(conv, max_batch=64, max_wait_ms=0) as batcher:
+            gate = threading.Event()
+            original = batcher._queue._handler
+            batcher._queue._handler = lambda items: (seen.append(len(items)), gate.wait(5), original(items))[2]
+            first = asyncio.create_task(batcher.convert_async(glyph(0), 1, seed=0))
+            await asyncio.sleep(0.2)  # the first request is in the engine (held at the gate)
+            second = asyncio.create_task(batcher.convert_async(glyph(1), 1, seed=1))
+            await asyncio.sleep(0.2)  # queued behind it
+            second.cancel()
+            gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await second
+            return await first
+
+    np.testing.assert_allclose(asyncio.run(main()), conv.convert(glyph(0), 1, seed=0), atol=1e-5)
+    assert seen == [1]  # the cancelled request never reached the engine

@@ -255,3 +255,10 @@ def test_sigterm_finishes_requests_in_flight(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_serve_cli_refuses_bad_settings(capsys):
+    from vce_deploy.cli import main
+
+    assert main(["serve", "--max-batch", "-1"]) == 2
+    assert "expected --max-batch >= 0" in capsys.readouterr().err
