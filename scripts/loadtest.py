@@ -197,6 +197,20 @@ def run_mode(args, mode: str, plan, seconds: float) -> dict:
             "rss_mb_samples": memory}
 
 
+def memory_trend(samples: list) -> dict:
+    """RSS at the start and end of a soak, and its slope (least squares) over each half:
+    allocator warm-up shows in the first half, a leak in both."""
+    def slope(part):
+        t = np.array([x for x, _ in part])
+        m = np.array([y for _, y in part])
+        return round(float(np.polyfit(t, m, 1)[0] * 60), 3) if len(part) > 2 else None
+
+    quarter, half = max(1, len(samples) // 4), len(samples) // 2
+    return {"rss_mb_first_quarter_median": statistics.median(m for _, m in samples[:quarter]),
+            "rss_mb_last_quarter_median": statistics.median(m for _, m in samples[-quarter:]),
+            "rss_mb_per_min_first_half": slope(samples[:half]), "rss_mb_per_min_second_half": slope(samples[half:])}
+
+
 def machine() -> dict:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), platform.processor())
@@ -235,10 +249,7 @@ def main(argv=None) -> int:
             print(json.dumps({k: v for k, v in run.items() if k != "rss_mb_samples"}), flush=True)
     if args.soak_seconds:
         soak = run_mode(args, "batched", plan, args.soak_seconds)
-        samples = soak["rss_mb_samples"]
-        minute = max(1, len(samples) // 4)
-        soak["rss_mb_first_quarter_median"] = statistics.median(m for _, m in samples[:minute])
-        soak["rss_mb_last_quarter_median"] = statistics.median(m for _, m in samples[-minute:])
+        soak.update(memory_trend(soak["rss_mb_samples"]))
         report["soak"] = soak
         print(json.dumps({k: v for k, v in soak.items() if k != "rss_mb_samples"}), flush=True)
     report["machine_after"] = machine()
