@@ -139,6 +139,8 @@ def start_server(args, max_batch: int) -> tuple[subprocess.Popen, int]:
                "--max-wait-ms", str(args.max_wait_ms)]
     if args.threads:
         command += ["--threads", str(args.threads)]
+    if args.device:
+        command += ["--device", args.device]
     process = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -228,6 +230,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--backend", default="onnxruntime")
     parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's best)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--soak-seconds", type=float, default=0.0, help="then one batched soak this long")
     parser.add_argument("--json", default=None, help="write every number here")
@@ -237,7 +240,7 @@ def main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     if not set(modes) <= {"batched", "unbatched"}:
         parser.error(f"--modes: expected batched and/or unbatched, got {args.modes}")
-    conv = Converter.load(backend=args.backend, precision=args.precision, threads=args.threads)
+    conv = Converter.load(backend=args.backend, precision=args.precision, device=args.device, threads=args.threads)
     plan = prepare(conv, args.clients, args.n)
     report = {"command": " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]),
               "machine_before": machine(), "runs": []}

@@ -57,7 +57,7 @@ def test_convertor_configs_follow_the_contract(repository):
         assert max(config.dynamic_batching.preferred_batch_size) == 32
     assert (repository / "vce_convertor_onnx" / "1" / "model.onnx").read_bytes() == \
         (conv.bundle.file(conv.bundle.model_entry("convertor", "fp32").path)).read_bytes()
-    assert "vce build" in (repository / "README.md").read_text()  # no engine in the shipped bundle: say how
+    assert "python -m export.tensorrt" in (repository / "README.md").read_text()  # no engine in the shipped bundle: say how
 
 
 def test_ensembles_wire_existing_models_by_their_tensor_names(repository):

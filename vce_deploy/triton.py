@@ -3,7 +3,7 @@
     OUT/
       vce_convertor_onnx/  config.pbtxt, 1/model.onnx   the convertor on Triton's onnxruntime backend
       vce_convertor_trt/   config.pbtxt, 1/model.plan   the convertor on Triton's tensorrt backend
-                                                        (the plan is built on the serving GPU: README)
+                                                        (built on the serving GPU: README)
       vce_noise/           config.pbtxt, 1/model.py     Python backend: the latents, from each request's seed
       vce_convert/         config.pbtxt                 ensemble: noise -> convertor (onnx)
       vce_convert_trt/     config.pbtxt                 ensemble: noise -> convertor (tensorrt)
@@ -161,8 +161,9 @@ def export_triton(bundle_path: str | os.PathLike | None, out: str | os.PathLike,
         plan_note = ("Its 1/model.plan is the bundle's engine, built for "
                      f"{engines[0].engine.gpu_name or 'compute capability ' + engines[0].engine.compute_capability}."
                      if engines else "1/model.plan is not included: an engine runs only on the GPU and TensorRT "
-                     "version it was built for, so build it on the Triton host (`vce build BUNDLE`) and copy the "
-                     "convertor engine there, with max batch >= the config's max_batch_size.")
+                     "version it was built for, so build it on the Triton host (`python -m export.tensorrt BUNDLE "
+                     "--precision P --max-batch M`) and copy BUNDLE/engines/convertor.P.plan there, with M >= the "
+                     "config's max_batch_size.")
         files["README.md"] = README.format(precision=precision, max_batch=max_batch, delay_us=max_queue_delay_us,
                                            size=manifest.image_size, plan_note=plan_note)
         for relative, text in files.items():
