@@ -133,13 +133,14 @@ def test_timeout_and_cancellation_withdraw_requests():
 
 def test_batch_closes_on_rows_or_wait():
     sizes = []
-    queue = BatchQueue(lambda items: items, max_batch=4, max_wait_ms=200, on_batch=lambda rows, n: sizes.append(rows))
+    queue = BatchQueue(lambda items: items, max_batch=4, max_wait_ms=1500, on_batch=lambda rows, n: sizes.append(rows))
     start = time.monotonic()
-    futures = [queue.submit(k, 2) for k in range(2)]  # 4 rows: full, runs without waiting 200 ms
+    futures = [queue.submit(k, 2) for k in range(2)]  # 4 rows: full, runs without waiting 1.5 s
     [f.result(5) for f in futures]
-    assert time.monotonic() - start < 0.15
+    assert time.monotonic() - start < 1.0
+    start = time.monotonic()
     lone = queue.submit(9, 1)
-    assert lone.result(5) == 9 and time.monotonic() - start >= 0.2  # alone: waited max_wait
+    assert lone.result(5) == 9 and time.monotonic() - start >= 1.5  # alone: waited max_wait
     big = queue.submit(10, 50)  # larger than max_batch: runs alone
     assert big.result(5) == 10
     assert sizes == [4, 1, 50]
@@ -173,13 +174,16 @@ def test_cancelling_an_asyncio_task_withdraws_its_request(conv):
 
     async def main():
         with Batcher(conv, max_batch=64, max_wait_ms=0) as batcher:
-            gate = threading.Event()
+            gate, entered = threading.Event(), threading.Event()
             original = batcher._queue._handler
-            batcher._queue._handler = lambda items: (seen.append(len(items)), gate.wait(5), original(items))[2]
+            batcher._queue._handler = lambda items: (seen.append(len(items)), entered.set(), gate.wait(30),
+                                                     original(items))[3]
             first = asyncio.create_task(batcher.convert_async(glyph(0), 1, seed=0))
-            await asyncio.sleep(0.2)  # the first request is in the engine (held at the gate)
+            while not entered.is_set():  # the first request is in the engine, held at the gate
+                await asyncio.sleep(0.01)
             second = asyncio.create_task(batcher.convert_async(glyph(1), 1, seed=1))
-            await asyncio.sleep(0.2)  # queued behind it
+            while batcher.depth == 0:  # the second is queued behind it
+                await asyncio.sleep(0.01)
             second.cancel()
             gate.set()
             with pytest.raises(asyncio.CancelledError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from importlib import resources
 from typing import Any, Awaitable, Callable
@@ -17,6 +18,7 @@ import numpy as np
 from fastapi import FastAPI, Request  # this module is imported only to build an app: fastapi is there
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as StarletteRequest
 from starlette.staticfiles import StaticFiles
 
@@ -27,6 +29,7 @@ from .metrics import ServeMetrics
 from .requests import (IMAGE_TYPES, ApiError, Options, ServeSettings, checked_request, image_from_bytes,
                        json_answer, media_type, options, parse_plain, png_grid, unsupported)
 
+log = logging.getLogger("vce_deploy.serve")
 CONVERT_DOC = """n variations of each posted glyph.
 
 Send the glyph as a raw image body (`Content-Type: image/png`, parameters in the query
@@ -116,6 +119,15 @@ def create_app(converter, settings: ServeSettings | None = None):
         except RequestTimeoutError as err:
             response = JSONResponse(ApiError(504, "timeout", str(err)).body(), 504)
             metrics.errors.labels(route, "timeout").inc()
+        except ClientDisconnect:
+            response = JSONResponse(ApiError(400, "client_disconnected", "expected a whole request body, the "
+                                                                         "client disconnected").body(), 400)
+            metrics.errors.labels(route, "client_disconnected").inc()
+        except Exception as err:  # an engine failure: logged, answered as JSON, the server goes on
+            log.exception("%s failed", route)
+            response = JSONResponse(ApiError(500, "internal", f"the server failed on this request "
+                                                              f"({type(err).__name__}); see its log").body(), 500)
+            metrics.errors.labels(route, "internal").inc()
         finally:
             metrics.in_flight.dec()
         metrics.requests.labels(route, str(response.status_code)).inc()
