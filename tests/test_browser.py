@@ -1,5 +1,6 @@
 """The drawing page end to end in headless Chromium (Debian's package, driven by Playwright):
-draw a stroke, get n variations, and they are exactly what the API answers for that drawing.
+draw a stroke, get n variations, and they are exactly what the API answers for that drawing;
+drop an image file on the pad, get its variations.
 
 Chromium comes from `scripts/install_browser.sh` (apt). Without it the test skips, unless CI
 is set: then a missing browser is a failure, not a silent skip.
@@ -33,7 +34,15 @@ if not Path(CHROMIUM).exists():
                 allow_module_level=True)
 
 
-def test_draw_a_stroke_get_n_variations(live_server, tmp_path):
+def glyph_png() -> bytes:
+    image = np.full((64, 64), 255, np.uint8)
+    image[10:54, 28:36] = 0  # a dark bar on white
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_draw_a_stroke_or_drop_an_image_get_n_variations(live_server, tmp_path):
     import httpx
 
     url = f"http://127.0.0.1:{live_server}/"
@@ -67,6 +76,17 @@ def test_draw_a_stroke_get_n_variations(live_server, tmp_path):
             page.screenshot(path=str(tmp_path / "page.png"))
             if os.environ.get("VCE_WRITE_SCREENSHOT"):  # refresh the committed figure (docs/serving.md)
                 page.screenshot(path=str(SCREENSHOT))
+            # dropping an image file on the pad converts it too
+            page.fill("#n", "3")
+            dropped = base64.b64encode(glyph_png()).decode()
+            page.evaluate("""(data) => {
+                const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+                const transfer = new DataTransfer();
+                transfer.items.add(new File([bytes], "glyph.png", { type: "image/png" }));
+                document.getElementById("pad").dispatchEvent(new DragEvent("drop", { dataTransfer: transfer, bubbles: true }));
+            }""", dropped)
+            page.wait_for_function("document.querySelectorAll('#results canvas').length === 3", timeout=30_000)
+            assert not page.inner_text("#error") and not errors
         finally:
             browser.close()
     answer = httpx.post(f"{url}v1/convert?n={n}&seed={seed}", content=drawn, headers={"Content-Type": "image/png"})
