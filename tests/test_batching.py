@@ -185,9 +185,9 @@ def test_cancelling_an_asyncio_task_withdraws_its_request(conv):
             while batcher.depth == 0:  # the second is queued behind it
                 await asyncio.sleep(0.01)
             second.cancel()
-            gate.set()
             with pytest.raises(asyncio.CancelledError):
-                await second
+                await second  # by now the cancellation has reached its queued request
+            gate.set()
             return await first
 
     np.testing.assert_allclose(asyncio.run(main()), conv.convert(glyph(0), 1, seed=0), atol=1e-5)

@@ -24,6 +24,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from vce_deploy import Converter  # noqa: E402
+from vce_deploy.batching import backend_of  # noqa: E402
 from vce_deploy.serve import ServeSettings, create_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -273,12 +274,13 @@ def test_an_engine_failure_is_a_json_500_and_the_server_goes_on(conv):
     settings = ServeSettings(max_batch=0)  # unbatched: the failure happens in the request's own call
     app = create_app(conv, settings)
     with TestClient(app) as test_client:
-        original = conv.engine.run_chunked
+        engine = backend_of(conv)
+        original = engine.run_chunked
         try:
-            conv.engine.run_chunked = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost"))
+            engine.run_chunked = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("device lost"))
             failed = test_client.post("/v1/convert", json={"image": glyph(0).tolist(), "seed": 0})
         finally:
-            conv.engine.run_chunked = original
+            engine.run_chunked = original
         assert failed.status_code == 500 and failed.json()["error"]["code"] == "internal"
         assert test_client.post("/v1/convert", json={"image": glyph(0).tolist(), "seed": 0}).status_code == 200
         assert 'code="internal"' in test_client.get("/metrics").text

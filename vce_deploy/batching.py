@@ -57,6 +57,25 @@ def make_request(converter: Converter, images: Any, n: int, seed: int | None = N
     return ConvertRequest(conditions, n, seed, temperature)
 
 
+def backend_of(converter: Converter):
+    """The loaded Backend. main (issue 11) renamed Converter.engine to Converter.backend, and the
+    old Converter.backend (what was chosen) to backend_info; both spellings are accepted so this
+    merges either way. After the merge: `converter.backend`."""
+    return converter.backend if hasattr(converter, "backend_info") else converter.engine
+
+
+def info_of(converter: Converter):
+    """What was loaded and why (BackendInfo): `converter.backend_info` after the merge."""
+    return converter.backend_info if hasattr(converter, "backend_info") else converter.backend
+
+
+def _noise(engine, seed: int | None):
+    """The backend's noise source for one call, as `Converter.convert` gets it (latent_sampler
+    after the same rename, latent_stream before it)."""
+    source = getattr(engine, "latent_sampler", None) or engine.latent_stream
+    return source(seed)
+
+
 def _host(latents) -> np.ndarray:
     """Latents from a device stream (CuPy) come to the host: the merged batch is assembled there."""
     return latents if isinstance(latents, np.ndarray) else latents.get()
@@ -69,10 +88,10 @@ def convert_merged(converter: Converter, requests: Sequence[ConvertRequest]) -> 
     stream per call, all B * n drawn before any chunk runs), then the requests' latents and
     conditions are concatenated and cut into engine batches of converter.max_batch rows.
     """
-    engine, size = converter.engine, converter.image_size
+    engine, size = backend_of(converter), converter.image_size
     latents, conditions = [], []
     for request in requests:
-        stream = engine.latent_stream(request.seed)
+        stream = _noise(engine, request.seed)
         latents.append(_host(stream.draw(request.rows, converter.latent_dim, request.temperature)))  # (B * n, D)
         conditions.append(np.repeat(request.conditions, request.n, axis=0))  # sample i -> condition i // n
     z = np.concatenate(latents) if len(latents) > 1 else latents[0]

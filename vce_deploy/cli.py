@@ -238,11 +238,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run_ray(args.bundle, load, settings, host=args.host, port=args.port, replicas=args.replicas,
                 cpus_per_replica=args.cpus_per_replica, address=args.ray_address)
         return 0
+    from .batching import info_of
     from .converter import Converter
     from .serve import serve
 
     conv = Converter.load(args.bundle, **load)
-    print(f"vce serve: http://{args.host}:{args.port}/ ({conv.backend.name} on {conv.backend.device} at "
+    loaded = info_of(conv)
+    print(f"vce serve: http://{args.host}:{args.port}/ ({loaded.name} on {loaded.device} at "
           f"{conv.precision}; batching {'off' if args.max_batch == 0 else f'max {args.max_batch} rows, wait {args.max_wait_ms:g} ms'})",
           flush=True)
     serve(conv, settings, host=args.host, port=args.port)

@@ -23,10 +23,15 @@ import os
 import shutil
 from pathlib import Path
 
-from .bundle import Bundle, atomic_directory
+from .bundle import Bundle
 from .contract import MODEL_IO, tensor_shapes
 from .converter import _positive_int
 from .errors import InputError
+
+try:  # main moved the directory swap to bundle_swap (issue 11); after the merge keep only this import
+    from .bundle_swap import atomic_directory
+except ImportError:
+    from .bundle import atomic_directory
 
 CONVERTOR = {"onnx": "vce_convertor_onnx", "trt": "vce_convertor_trt"}
 ENSEMBLE = {"onnx": "vce_convert", "trt": "vce_convert_trt"}

@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.requests import Request as StarletteRequest
 from starlette.staticfiles import StaticFiles
 
-from ..batching import Batcher, ConvertRequest, convert_merged
+from ..batching import Batcher, ConvertRequest, convert_merged, info_of
 from ..errors import InputError, OverloadedError, RequestTimeoutError
 from ..preprocess import preprocess, preprocess_batch
 from .metrics import ServeMetrics
@@ -80,7 +80,8 @@ def create_app(converter, settings: ServeSettings | None = None):
     settings = settings or ServeSettings()
     state: dict[str, Any] = {"batcher": None, "ready": False}
     metrics = ServeMetrics(lambda: state["batcher"].depth if state["batcher"] else 0)
-    info = {"backend": converter.backend.name, "device": converter.backend.device,
+    loaded = info_of(converter)
+    info = {"backend": loaded.name, "device": loaded.device,
             "precision": converter.precision, "batching": settings.max_batch > 0}
 
     @contextlib.asynccontextmanager

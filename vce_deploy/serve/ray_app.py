@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..batching import ConvertRequest, convert_merged
+from ..batching import ConvertRequest, convert_merged, info_of
 from ..errors import InputError
 from .requests import ApiError, ServeSettings, checked_request, json_answer, media_type, options, parse_plain, png_grid
 
@@ -61,7 +61,8 @@ def build_app(bundle: str | None, load: dict[str, Any], settings: ServeSettings,
             except InputError as err:
                 return JSONResponse(ApiError(400, "bad_input", str(err)).body(), 400)
             ms = (time.perf_counter() - started) * 1000
-            info = {"backend": self.converter.backend.name, "device": self.converter.backend.device,
+            loaded = info_of(self.converter)
+            info = {"backend": loaded.name, "device": loaded.device,
                     "precision": self.converter.precision, "batch_requests": merged, "time_ms": round(ms, 3)}
             if opts.answer == "png":
                 return Response(png_grid(checked.conditions, samples), media_type="image/png")
