@@ -39,7 +39,9 @@ def test_merged_equals_alone(conv):
     for (images, n, seed), got in zip(CASES, merged):
         alone = conv.convert(images, n, seed=seed)
         assert got.shape == alone.shape
-        np.testing.assert_allclose(got, alone, rtol=0, atol=1e-5)
+        # bit for bit: "the same seed gives the same output on the same backend, whatever the
+        # batching" (docs/serving.md); ONNX Runtime's CPU convs compute each row on its own
+        np.testing.assert_array_equal(got, alone)
     # and the merge is not a no-op: a different seed gives a different answer
     other = conv.convert(CASES[1][0], CASES[1][1], seed=99)
     assert np.abs(other - merged[1]).max() > 1e-3
