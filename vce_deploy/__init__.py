@@ -4,8 +4,10 @@ Importing this package never imports torch (only the eager reference backend, tr
 export do) nor any GPU library: backends import their engine when they are loaded.
 """
 from .backends import BACKENDS, BackendInfo
+from .batching import Batcher
 from .converter import Converter, conversion_grid, save_conversions
-from .errors import BackendError, BundleError, CheckpointError, EngineMismatchError, InputError, VCEError
+from .errors import (BackendError, BundleError, CheckpointError, EngineMismatchError, InputError, OverloadedError,
+                     RequestTimeoutError, VCEError)
 from .grid import save_grid
 from .preprocess import IMAGE_SIZE, preprocess, preprocess_batch
 
@@ -15,12 +17,15 @@ __all__ = [
     "BACKENDS",
     "BackendError",
     "BackendInfo",
+    "Batcher",
     "BundleError",
     "CheckpointError",
     "Converter",
     "EngineMismatchError",
     "IMAGE_SIZE",
     "InputError",
+    "OverloadedError",
+    "RequestTimeoutError",
     "VCEError",
     "conversion_grid",
     "preprocess",

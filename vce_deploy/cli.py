@@ -1,5 +1,5 @@
-"""The `vce` command: convert, inspect, verify, build. (The benchmark is `python -m bench`, in
-the source tree: it is not part of the runtime.)
+"""The `vce` command: convert, inspect, verify, sign, build, serve, export-triton. (The benchmark is
+`python -m bench`, in the source tree: it is not part of the runtime.)
 
 Exit codes: 0 ok, 1 error (a one-line message on stderr), 2 bad usage (argparse).
 """
@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sign_options(sign)
 
     _add_build_parser(commands)
+
+    add_serve_parser(commands, BACKENDS, PRECISIONS)
+    add_export_triton_parser(commands, PRECISIONS)
     return parser
 
 
@@ -85,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as stop:  # argparse: 2 for bad usage, 0 after --help
         return int(stop.code or 0)
     handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "build": cmd_build,
-                "sign": cmd_sign}
+                "sign": cmd_sign, "serve": cmd_serve, "export-triton": cmd_export_triton}
     try:
         return handlers[args.command](args)
     except (VCEError, OSError) as err:  # OSError: an output that cannot be written, a full disk
@@ -263,3 +266,71 @@ def _size(path) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return str(size)
+
+
+def add_serve_parser(commands, backends, precisions) -> None:
+    serve = commands.add_parser("serve", help="the HTTP API, metrics and drawing page (docs/serving.md)")
+    serve.add_argument("--bundle", default=None, help="bundle directory (default: the shipped bundle)")
+    serve.add_argument("--backend", default="auto", choices=("auto", *backends))
+    serve.add_argument("--precision", default="fp32", choices=precisions)
+    serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's best)")
+    serve.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=64, help="engine rows per merged batch; 0: no batching")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)")
+    serve.add_argument("--max-queue", type=int, default=1024, help="queued requests before 503 (default 1024)")
+    serve.add_argument("--max-n", type=int, default=64, help="largest n per request (default 64)")
+    serve.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
+    serve.add_argument("--ray", action="store_true", help="serve on Ray Serve instead (vce_deploy/serve/ray_app.py)")
+    serve.add_argument("--ray-address", default=None, help="with --ray: an existing cluster (default: start one)")
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the deployment")
+    serve.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs each replica reserves")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeSettings
+
+    if args.max_batch < 0 or args.max_n < 1 or args.max_queue < 1 or not 0 <= args.max_wait_ms <= 10_000:
+        print("vce serve: error: expected --max-batch >= 0, --max-n >= 1, --max-queue >= 1 and --max-wait-ms in "
+              "[0, 10000]", file=sys.stderr)
+        return 2
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                             max_n=args.max_n, max_body_bytes=args.max_body_bytes)
+    load = {"backend": args.backend, "precision": args.precision, "device": args.device, "threads": args.threads}
+    if args.ray:
+        from .serve.ray_app import run_ray
+
+        run_ray(args.bundle, load, settings, host=args.host, port=args.port, replicas=args.replicas,
+                cpus_per_replica=args.cpus_per_replica, address=args.ray_address)
+        return 0
+    from .converter import Converter
+    from .serve import serve
+
+    converter = Converter.load(args.bundle, **load)
+    loaded = converter.backend_info
+    print(f"vce serve: http://{args.host}:{args.port}/ ({loaded.name} on {loaded.device} at "
+          f"{converter.precision}; batching {'off' if args.max_batch == 0 else f'max {args.max_batch} rows, wait {args.max_wait_ms:g} ms'})",
+          flush=True)
+    serve(converter, settings, host=args.host, port=args.port)
+    converter.close()
+    return 0
+
+
+def add_export_triton_parser(commands, precisions) -> None:
+    triton = commands.add_parser("export-triton", help="a Triton Inference Server model repository from a bundle")
+    triton.add_argument("bundle", help="bundle directory ('default': the shipped bundle)")
+    triton.add_argument("out", help="model repository directory to write (must not exist)")
+    triton.add_argument("--precision", default="fp32", choices=precisions)
+    triton.add_argument("--max-batch", type=int, default=64, help="Triton max_batch_size (default 64)")
+    triton.add_argument("--max-queue-delay-us", type=int, default=5000, help="dynamic batching delay (default 5000)")
+
+
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from .triton import export_triton
+
+    bundle = None if args.bundle == "default" else args.bundle
+    out = export_triton(bundle, args.out, precision=args.precision, max_batch=args.max_batch,
+                        max_queue_delay_us=args.max_queue_delay_us)
+    print(f"wrote the Triton model repository {out} (docs/serving.md, \"Triton\")")
+    return 0
