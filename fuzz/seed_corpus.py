@@ -71,6 +71,11 @@ def seeds() -> dict[str, list[bytes]]:
         "signature": [signature, json.dumps({"_type": "x"}).encode()],
         "preprocess": [png_bytes(glyph), *images, bytes([0, 28]) + glyph.tobytes(),
                        bytes([2, 4]) + np.linspace(0, 1, 16, dtype=np.float32).tobytes()],
+        # first byte: the Content-Type index in targets.SERVER_KINDS (0 JSON, 1 image/png)
+        "server_request": [b"\x00" + json.dumps({"image": glyph.tolist(), "n": 2, "seed": 7}).encode(),
+                           b"\x00" + json.dumps({"images": [glyph.tolist(), (glyph / 255).tolist()], "n": 1,
+                                                  "temperature": 0.5, "format": "png"}).encode(),
+                           b"\x01" + png_bytes(glyph), b"\x00" + b"[" * 5000],
     }
 
 

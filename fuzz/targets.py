@@ -5,7 +5,7 @@ Shared by the bounded CI run (tests/test_fuzz.py, hypothesis) and the long run
 (`python -m fuzz TARGET`, atheris; docs/signing.md "Fuzzing"). The seeds of each target are
 in tests/fuzz_corpus/TARGET/.
 
-Adding a target (e.g. the server's request parsing, once it is merged): write
+Adding a target: write
 `def fuzz_NAME(data: bytes) -> None` that feeds `data` to the parser and checks what comes
 back, add it to TARGETS, and put a few valid inputs in tests/fuzz_corpus/NAME/. Both drivers
 and the corpus-replay test pick it up by name.
@@ -147,11 +147,46 @@ def _as_array(data: bytes):
     return flat[: flat.size // width * width].reshape(-1, width)
 
 
+# the Content-Types a fuzzed request body is sent as (its first byte picks one): JSON and a raw
+# image are parsed, the rest must be refused with 415
+SERVER_KINDS = ("application/json", "image/png", "text/plain", "multipart/form-data", "")
+
+
+@lru_cache(maxsize=1)
+def _server():
+    """The shipped bundle on ONNX Runtime (CPU) and small limits: what checks a request's shape."""
+    from vce_deploy.converter import Converter
+    from vce_deploy.serve.requests import ServeSettings
+
+    converter = Converter.load(backend="onnxruntime", device="cpu", threads=1)
+    return converter, ServeSettings(max_image_pixels=256 * 256, max_images=4, max_n=8)
+
+
+def fuzz_server_request(data: bytes) -> None:
+    """A POST /v1/convert body (its first byte picks the Content-Type) through the server's own
+    parsing (vce_deploy/serve/requests.py, as app.py and ray_app.py call it) -> a checked
+    ConvertRequest, or an ApiError with a 4xx status: never a 500 for what a client sent."""
+    from vce_deploy.serve.requests import ApiError, checked_request, options, parse_plain
+
+    converter, settings = _server()
+    kind = SERVER_KINDS[data[0] % len(SERVER_KINDS)] if data else ""
+    try:
+        fields, images = parse_plain(kind, data[1:], {}, ("image",), settings)
+        opts = options(fields, "application/json", settings)
+        request = checked_request(converter, images["image"], opts)
+    except ApiError as err:
+        assert 400 <= err.status < 500, f"{err.status} {err.code}: {err.message}"
+        return
+    assert request.conditions.shape[1:] == (1, IMAGE_SIZE, IMAGE_SIZE)
+    assert 1 <= request.conditions.shape[0] <= settings.max_images and 1 <= request.n <= settings.max_n
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "manifest": fuzz_manifest,
     "bundle": fuzz_bundle,
     "signature": fuzz_signature,
     "preprocess": fuzz_preprocess,
+    "server_request": fuzz_server_request,
 }
 
 

@@ -1,5 +1,5 @@
 """The bounded fuzz run: thousands of generated inputs through every target of fuzz/targets.py
-(manifest parser, bundle loader, signature parser, preprocess), each ending in a valid result
+(manifest parser, bundle loader, signature parser, preprocess, the server's request parsing), each ending in a valid result
 or a VCEError, never another exception; and the committed corpus replayed (tests/fuzz_corpus).
 
 Hypothesis drives it here (~6,000 inputs, about a minute on 2 busy cores); the long
@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fuzz.seed_corpus import _small_manifest
-from fuzz.targets import TARGETS, corpus, fuzz_bundle, fuzz_manifest, fuzz_preprocess, fuzz_signature, png_bytes
+from fuzz.targets import (TARGETS, corpus, fuzz_bundle, fuzz_manifest, fuzz_preprocess, fuzz_server_request,
+                          fuzz_signature, png_bytes)
 from vce_deploy.bundle import DEFAULT_BUNDLE
 from vce_deploy.signing import PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE
 
@@ -147,6 +148,25 @@ def damaged_png(draw):
 @given(damaged_png())
 def test_preprocess_on_damaged_images(data):
     fuzz_preprocess(data)
+
+
+GLYPH = [[255 * ((r * 28 + c) % 9 == 0) for c in range(28)] for r in range(28)]
+REQUEST = {"image": GLYPH, "n": 2, "seed": 7, "temperature": 1.0, "format": "json"}
+PIXELS = st.lists(st.lists(st.integers(-2, 300) | st.floats() | st.booleans() | st.text(max_size=2),
+                           max_size=5), max_size=5)
+
+
+@settings(max_examples=examples(500), **FAST)
+@given(mutated(REQUEST) | mutated({"images": [GLYPH, GLYPH], "n": 1}) | st.fixed_dictionaries(
+    {"image": PIXELS}, optional={"n": JSON, "seed": JSON, "temperature": JSON, "format": JSON}) | JSON)
+def test_server_request_json(raw):
+    fuzz_server_request(b"\x00" + json.dumps(raw).encode())  # \x00: sent as application/json
+
+
+@settings(max_examples=examples(800), **FAST)
+@given(st.binary(max_size=300) | st.text(max_size=200).map(lambda t: b"\x00" + t.encode()))
+def test_server_request_on_bytes(data):
+    fuzz_server_request(data)
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))

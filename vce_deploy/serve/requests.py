@@ -148,8 +148,9 @@ def image_from_json(value: Any, what: str, settings: ServeSettings) -> np.ndarra
 def json_body(body: bytes) -> dict:
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ApiError(400, "bad_json", f"expected a JSON object, got a body that is not JSON ({err})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # deep nesting: found by fuzz/
+        raise ApiError(400, "bad_json", f"expected a JSON object, got a body that is not JSON "
+                                        f"({type(err).__name__}: {str(err)[:200]})") from None
     if not isinstance(data, dict):
         raise ApiError(400, "bad_json", f"expected a JSON object, got {type(data).__name__}")
     return data
