@@ -85,11 +85,12 @@ def _calibration_pairs(train, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.ascontiguousarray(train.images[c, i][order, None]), np.ascontiguousarray(train.images[c, j][order, None]))
 
 
-def _nll_metrics(runners: dict, test, subset: int, k: int, seed: int, log) -> dict:
+def _nll_metrics(runners: dict, test, subset: int, k: int, seed: int, log, split: str) -> dict:
     from vce_deploy.omniglot import nll_targets
     from train.evaluate import one_shot_nll
 
     x, q = nll_targets(test)
+    protocol_targets = int(len(x))
     picks = np.unique(np.linspace(0, len(x) - 1, min(subset, len(x))).round().astype(int))  # all three alphabets
     x, q = x[picks], q[picks]
     results: dict = {}
@@ -109,7 +110,7 @@ def _nll_metrics(runners: dict, test, subset: int, k: int, seed: int, log) -> di
             r["cost_vs_fp32"] = float(cost.mean())
             r["cost_vs_fp32_sem"] = float(cost.std(ddof=1) / np.sqrt(len(cost))) if len(cost) > 1 else 0.0
             log(f"nll {precision} - fp32: {r['cost_vs_fp32']:+.4f} ± {r['cost_vs_fp32_sem']:.4f} nats (paired)")
-    return {"protocol": {"k": k, "targets": int(len(x)), "of": 212, "seed": seed,
+    return {"protocol": {"k": k, "targets": int(len(x)), "of": protocol_targets, "split": split, "seed": seed,
                          "subset": "evenly spaced over the DESIGN.md protocol targets",
                          "runner": "onnxruntime CPUExecutionProvider"},
             **results}
@@ -184,7 +185,7 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
         report.raise_if_failed()  # before anything is renamed into place
         metrics = {"training": meta.get("metrics", {}), "parity": report.to_dict()}
         if measure_nll:
-            metrics["nll"] = _nll_metrics(runners, test, nll_subset, nll_k, nll_seed, log)
+            metrics["nll"] = _nll_metrics(runners, test, nll_subset, nll_k, nll_seed, log, split)
         entries = _entries(stage, precisions, size, latent)
         manifest = Manifest(
             format_version=FORMAT_VERSION, image_size=size, latent_dim=latent, latent_layout=LATENT_LAYOUT,

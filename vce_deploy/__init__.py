@@ -5,9 +5,11 @@ export do) nor any GPU library: backends import their engine when they are loade
 """
 from .backends import BACKENDS, BackendInfo
 from .converter import Converter, conversion_grid, save_conversions
-from .errors import BackendError, BundleError, CheckpointError, EngineMismatchError, InputError, VCEError
+from .errors import (BackendError, BundleError, CheckpointError, DependencyError, EngineMismatchError, InputError,
+                     VCEError)
 from .grid import save_grid
-from .preprocess import IMAGE_SIZE, preprocess, preprocess_batch
+from .inputs import DEFAULT_N, preprocess_batch
+from .preprocess import IMAGE_SIZE, preprocess
 
 __version__ = "0.1.0"
 
@@ -18,6 +20,8 @@ __all__ = [
     "BundleError",
     "CheckpointError",
     "Converter",
+    "DEFAULT_N",
+    "DependencyError",
     "EngineMismatchError",
     "IMAGE_SIZE",
     "InputError",

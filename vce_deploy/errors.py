@@ -27,3 +27,7 @@ class BackendError(VCEError):
 
 class EngineMismatchError(BackendError):
     """A TensorRT engine was built for another TensorRT version or GPU."""
+
+
+class DependencyError(VCEError, ImportError):
+    """An optional package that a feature needs is not installed (the message names it)."""
