@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vce", description="One-shot glyph conversion with a VCE bundle.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    convert = commands.add_parser("convert", help="write n variations of each glyph as one PNG grid")
+    convert = commands.add_parser("convert", help="write n variations of each glyph as one grid image")
     convert.add_argument("images", nargs="+", metavar="IMAGE", help="glyph image files (any size, either polarity)")
     convert.add_argument("-n", type=int, default=DEFAULT_N, help=f"variations per glyph (default {DEFAULT_N})")
     convert.add_argument("--seed", type=int, default=None, help="noise seed (default: a fresh one, printed)")
