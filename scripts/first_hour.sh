@@ -40,9 +40,9 @@ passed=0 failed=0 skipped=0
 summary=()
 started=$SECONDS
 
-report() {  # report STATUS NAME [LOG]
+report() {  # report STATUS NAME [LOG]; the time is seconds since this part started
     summary+=("$1  $2")
-    echo "$1  $2"
+    printf '%s  %s  (%d s)\n' "$1" "$2" "$((SECONDS - started))"
     case "$1" in
         PASS) passed=$((passed + 1)) ;;
         SKIP) skipped=$((skipped + 1)) ;;

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from vce_deploy import DEFAULT_N, Converter, DependencyError, InputError, preprocess_batch
+from vce_deploy import Converter, InputError, preprocess_batch
 from vce_deploy.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +76,8 @@ def test_empty_arrays_give_an_input_error(converter, shape, dtype):
 # -- 4. one default n; inspect and verify default to the shipped bundle -----------------------------
 
 def test_convert_without_n_uses_the_cli_default(converter, tmp_path):
+    from vce_deploy import DEFAULT_N
+
     assert build_parser().parse_args(["convert", "a.png", "-o", "b.png"]).n == DEFAULT_N == 16
     path = tmp_path / "glyph.png"
     _glyph("L").save(path)
@@ -132,6 +134,8 @@ def test_large_n_wraps_the_grid_and_the_summary_counts_right(glyph_path, tmp_pat
 # -- 6. progress without tqdm ------------------------------------------------------------------
 
 def test_progress_without_tqdm_names_the_missing_package(converter, monkeypatch):
+    from vce_deploy import DependencyError
+
     monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm -> ImportError
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)
     with pytest.raises(DependencyError, match="pip install tqdm") as caught:
