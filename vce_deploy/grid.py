@@ -33,9 +33,9 @@ def check_output_path(path: str | os.PathLike, make_parents: bool = True) -> Pat
     """Refuse an output path before any work is done: a known extension, not a directory, and
     (make_parents=False) a parent directory that already exists."""
     path = Path(path)
-    output_format(path)
     if path.is_dir():
         raise InputError(f"{path}: expected an image file path to write, got a directory")
+    output_format(path)
     parent = path.parent
     if not make_parents and not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
