@@ -177,7 +177,7 @@ def test_a_bundle_is_evaluated_through_the_runtime(smoke_bundle, smoke_checkpoin
     torch_nll = one_shot_nll(TorchModel.from_checkpoint(smoke_checkpoint), x, q, k=8, seed=1)
     out = tmp_path / "bundle.json"
     assert main([str(smoke_bundle), "--backend", "onnxruntime", "--precision", "fp32", "--k", "8", "--seed", "1",
-                 "--limit", "6", "--json", str(out), "--no-progress"]) == 0
+                 "--limit", "6", "--split", "small", "--json", str(out), "--no-progress"]) == 0
     assert "backend=onnxruntime" in capsys.readouterr().out
     record = json.loads(out.read_text())
     bundle_nll = np.asarray(record["nll_per_target"])
