@@ -6,10 +6,11 @@ export do) nor any GPU library: backends import their engine when they are loade
 from .backends import BACKENDS, BackendInfo
 from .batching import Batcher
 from .converter import Converter, conversion_grid, save_conversions
-from .errors import (BackendError, BundleError, CheckpointError, EngineMismatchError, InputError, OverloadedError,
-                     RequestTimeoutError, VCEError)
+from .errors import (BackendError, BundleError, CheckpointError, DependencyError, EngineMismatchError, InputError,
+                     OverloadedError, RequestTimeoutError, VCEError)
 from .grid import save_grid
-from .preprocess import IMAGE_SIZE, preprocess, preprocess_batch
+from .inputs import DEFAULT_N, preprocess_batch
+from .preprocess import IMAGE_SIZE, preprocess
 
 __version__ = "0.1.0"
 
@@ -21,6 +22,8 @@ __all__ = [
     "BundleError",
     "CheckpointError",
     "Converter",
+    "DEFAULT_N",
+    "DependencyError",
     "EngineMismatchError",
     "IMAGE_SIZE",
     "InputError",

@@ -25,9 +25,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .converter import Converter, _positive_int, _seed, _temperature
+from .converter import Converter
 from .errors import InputError, OverloadedError, RequestTimeoutError
-from .preprocess import preprocess_batch
+from .inputs import positive_int, preprocess_batch, seed_value, temperature_value
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,8 @@ def make_request(converter: Converter, images: Any, n: int, seed: int | None = N
                  temperature: float = 1.0) -> ConvertRequest:
     """Check the arguments as `Converter.convert` does and preprocess the images (in the
     caller's thread: a bad image fails its own call, never the batch it would have joined)."""
-    n = _positive_int(n, "n")
-    seed, temperature = _seed(seed), _temperature(temperature)
+    n = positive_int(n, "n")
+    seed, temperature = seed_value(seed), temperature_value(temperature)
     converter._check_output("convert", 1, n)  # the same max_output_bytes refusal as a lone call
     conditions = preprocess_batch(images, "images")  # (B, 1, S, S)
     converter._check_output("convert", conditions.shape[0], n)
@@ -107,11 +107,11 @@ class BatchQueue:
                  max_queue: int = 1024, on_batch: Callable[[int, int], None] | None = None,
                  name: str = "vce-batcher"):
         self._handler = handler
-        self.max_batch = _positive_int(max_batch, "max_batch")
+        self.max_batch = positive_int(max_batch, "max_batch")
         if not isinstance(max_wait_ms, (int, float)) or isinstance(max_wait_ms, bool) or not 0 <= max_wait_ms <= 10_000:
             raise InputError(f"max_wait_ms: expected a number of milliseconds in [0, 10000], got {max_wait_ms!r}")
         self.max_wait = float(max_wait_ms) / 1000.0
-        self.max_queue = _positive_int(max_queue, "max_queue")
+        self.max_queue = positive_int(max_queue, "max_queue")
         self._on_batch = on_batch
         self._pending: collections.deque[_Pending] = collections.deque()
         self._ready = threading.Condition()

@@ -346,7 +346,7 @@ class Bundle:
 def default_bundle_path() -> Path:
     if not (DEFAULT_BUNDLE / MANIFEST).is_file():
         raise BundleError(f"no default bundle is installed at {DEFAULT_BUNDLE}; pass a bundle path "
-                          "(make one with `python -m train` and `python -m export`)")
+                          "(make one from a clone of the repository with `python -m train` and `python -m export`)")
     return DEFAULT_BUNDLE
 
 

@@ -13,6 +13,9 @@ import time
 from typing import Sequence
 
 from .errors import VCEError
+from .grid import FORMATS, WRAP_CELLS
+from .inputs import DEFAULT_N
+from .metrics import describe_mapping, describe_metrics
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,12 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vce", description="One-shot glyph conversion with a VCE bundle.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    convert = commands.add_parser("convert", help="write n variations of each glyph as one PNG grid")
+    convert = commands.add_parser("convert", help="write n variations of each glyph as one grid image")
     convert.add_argument("images", nargs="+", metavar="IMAGE", help="glyph image files (any size, either polarity)")
-    convert.add_argument("-n", type=int, default=16, help="variations per glyph (default 16)")
+    convert.add_argument("-n", type=int, default=DEFAULT_N, help=f"variations per glyph (default {DEFAULT_N})")
     convert.add_argument("--seed", type=int, default=None, help="noise seed (default: a fresh one, printed)")
     convert.add_argument("--temperature", type=float, default=1.0, help="noise scale (default 1.0)")
-    convert.add_argument("-o", "--output", required=True, help="PNG to write")
+    convert.add_argument("-o", "--output", required=True,
+                         help=f"image to write, format from its extension ({', '.join(FORMATS)}); its directory must "
+                              f"exist; rows wrap every {WRAP_CELLS} cells")
     convert.add_argument("--bundle", default=None, help="bundle directory (default: the shipped bundle)")
     convert.add_argument("--backend", default="auto", choices=("auto", *BACKENDS))
     convert.add_argument("--precision", default="fp32", choices=PRECISIONS)
@@ -38,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_trust_options(convert)
 
     inspect = commands.add_parser("inspect", help="files, shapes, precisions, metrics and engines of a bundle")
-    inspect.add_argument("bundle")
+    inspect.add_argument("bundle", nargs="?", default=None, help="bundle directory (default: the shipped bundle)")
     inspect.add_argument("--json", action="store_true", help="print the manifest as JSON")
     inspect.add_argument("--allow-unsealed", action="store_true", help="show a format-1 manifest without its seal")
 
@@ -98,7 +103,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .converter import Converter, save_conversions
+    from .grid import check_grid_size, check_output_path
+    from .preprocess import IMAGE_SIZE
 
+    # refused before the model loads: a wrong extension, a missing directory, a grid too big to write
+    check_output_path(args.output, make_parents=False)
+    if args.n >= 1:  # n < 1 is refused by convert, with its own message
+        check_grid_size(len(args.images), args.n + (0 if args.no_condition else 1), IMAGE_SIZE, wrap=WRAP_CELLS)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     converter = Converter.load(args.bundle, backend=args.backend, precision=args.precision, device=args.device,
                                max_batch=args.max_batch, threads=args.threads, allow_unsealed=args.allow_unsealed,
@@ -107,8 +118,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     samples = converter.convert(args.images, args.n, seed=seed, temperature=args.temperature)
     seconds = time.perf_counter() - start
     path = save_conversions(args.output, samples, None if args.no_condition else args.images)
-    print(f"wrote {path}: {samples.shape[0]} glyphs x {args.n} variations, seed {seed}, "
-          f"{converter.backend_info.name} on {converter.backend_info.device} at {converter.precision}, convert {seconds * 1000:.1f} ms")
+    glyphs, variations = _count(samples.shape[0], "glyph"), _count(args.n, "variation")
+    print(f"wrote {path}: {glyphs} x {variations}, seed {seed}, "
+          f"{converter.backend_info.name} on {converter.backend_info.device} at {converter.precision}, "
+          f"convert {seconds * 1000:.1f} ms")
     converter.close()
     return 0
 
@@ -140,10 +153,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               f"{' (' + info.gpu_name + ')' if info.gpu_name else ''}, batch min/opt/max "
               f"{info.min_batch}/{info.opt_batch}/{info.max_batch}")
     print("metrics:" if m.metrics else "metrics: none recorded")
-    for key, value in sorted(m.metrics.items()):
-        print(f"  {key}: {json.dumps(value, sort_keys=True)}")
+    for line in describe_metrics(m.metrics):
+        print(f"  {line}")
     if m.exporter:
-        print(f"exporter: {json.dumps(m.exporter, sort_keys=True)}")
+        print("\n".join(describe_mapping("exporter", m.exporter)))
     return 0
 
 
@@ -250,6 +263,10 @@ def _verify_signature(args: argparse.Namespace) -> None:
 
     who = verify_bundle_signature(args.bundle, args.signer, args.ca)
     print(f"signature: valid, by {who}; every file hashed against it")
+
+
+def _count(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _specs(specs) -> str:

@@ -35,3 +35,7 @@ class OverloadedError(VCEError):
 
 class RequestTimeoutError(VCEError, TimeoutError):
     """A request waited or ran past its deadline and was dropped."""
+
+
+class DependencyError(VCEError, ImportError):
+    """An optional package that a feature needs is not installed (the message names it)."""

@@ -26,8 +26,8 @@ from pathlib import Path
 from .bundle import Bundle
 from .bundle_swap import atomic_directory
 from .contract import MODEL_IO, tensor_shapes
-from .converter import _positive_int
 from .errors import InputError
+from .inputs import positive_int
 
 CONVERTOR = {"onnx": "vce_convertor_onnx", "trt": "vce_convertor_trt"}
 ENSEMBLE = {"onnx": "vce_convert", "trt": "vce_convert_trt"}
@@ -139,7 +139,7 @@ Precision {precision}, max batch {max_batch}, dynamic batching delay {delay_us} 
 def export_triton(bundle_path: str | os.PathLike | None, out: str | os.PathLike, precision: str = "fp32",
                   max_batch: int = 64, max_queue_delay_us: int = 5000) -> Path:
     """Write the model repository to `out` (absent or empty) atomically; return its path."""
-    max_batch = _positive_int(max_batch, "max_batch")
+    max_batch = positive_int(max_batch, "max_batch")
     if isinstance(max_queue_delay_us, bool) or not isinstance(max_queue_delay_us, int) or max_queue_delay_us < 0:
         raise InputError(f"max_queue_delay_us: expected an integer >= 0, got {max_queue_delay_us!r}")
     bundle = Bundle.load(bundle_path)  # every file's sha256 checked before anything is copied

@@ -31,7 +31,9 @@ def _torch():
     try:
         import torch
     except ImportError as err:
-        raise BackendError("the torch backend needs PyTorch: expected `pip install 'vce-deploy[torch]'`") from err
+        raise BackendError("the torch backend needs PyTorch: expected `pip install 'vce-deploy[torch]'` (for the CPU "
+                           "build, not the multi-GB CUDA one: add `--extra-index-url "
+                           "https://download.pytorch.org/whl/cpu`)") from err
     return torch
 
 

@@ -24,7 +24,8 @@ from starlette.staticfiles import StaticFiles
 
 from ..batching import Batcher, ConvertRequest, convert_merged
 from ..errors import InputError, OverloadedError, RequestTimeoutError
-from ..preprocess import preprocess, preprocess_batch
+from ..inputs import preprocess_batch
+from ..preprocess import preprocess
 from .metrics import ServeMetrics
 from .requests import (IMAGE_TYPES, ApiError, Options, ServeSettings, checked_request, image_from_bytes,
                        json_answer, media_type, options, parse_plain, png_grid, unsupported)
