@@ -106,7 +106,7 @@ def signed_copy(into: Path) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     from vce_deploy.bundle import DEFAULT_BUNDLE
-    from vce_deploy.signing import sign_bundle
+    from vce_deploy.bundle_signing import sign_bundle
 
     key = ec.generate_private_key(ec.SECP256R1())
     private, public = into / "bench.key.pem", into / "bench.pub.pem"

@@ -68,7 +68,7 @@ def main(argv=None) -> int:
 
 
 def _sign(bundle: str, key: str) -> int:
-    from vce_deploy.signing import sign_bundle
+    from vce_deploy.bundle_signing import sign_bundle
 
     try:
         print(f"signed: {sign_bundle(bundle, key)}")

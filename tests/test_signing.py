@@ -24,7 +24,9 @@ from vce_deploy import bundle as bundle_module
 from vce_deploy.bundle import DEFAULT_BUNDLE, SEAL_KEY, Bundle, UnsealedBundleWarning, write_raw_manifest
 from vce_deploy.cli import main as vce
 from vce_deploy.errors import BundleError, InputError
-from vce_deploy.signing import SIGNATURE, check_signed_manifest, sign_bundle, verify_bundle_signature
+from vce_deploy.bundle import MANIFEST
+from vce_deploy.bundle_signing import sign_bundle, verify_bundle_signature
+from vce_deploy.signing import SIGNATURE, check_signed_manifest
 
 
 def write_key(directory: Path, name: str, curve=ec.SECP256R1()) -> tuple[Path, Path]:
@@ -228,7 +230,7 @@ def test_an_rsa_key_is_refused_by_name(tmp_path, signed):
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
     with pytest.raises(InputError, match="elliptic-curve key"):
-        check_signed_manifest(signed, b"{}", [key])
+        check_signed_manifest(signed, b"{}", [key], MANIFEST)
 
 
 def _certificates(directory: Path) -> tuple[Path, Path, Path]:

@@ -282,13 +282,13 @@ class Bundle:
         if trusted_keys is not None:  # before json.loads: an unsigned manifest is never parsed
             from .signing import check_signed_manifest
 
-            signed = check_signed_manifest(root, data, trusted_keys)
+            signed = check_signed_manifest(root, data, trusted_keys, MANIFEST)
         manifest, sealed = parse_manifest_bytes(data, str(manifest_path), allow_unsealed)
         bundle = cls(root, manifest, sealed)
         if signed is not None:
             from .signing import check_signed_files
 
-            check_signed_files(bundle, signed, device_built)
+            check_signed_files(bundle, signed, MANIFEST, device_built)
         if verify:
             bundle.verify()
         return bundle

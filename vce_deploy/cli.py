@@ -58,8 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PEM public key that must have signed the bundle (repeat for several); every file hashed")
     verify.add_argument("--ca", action="append", default=[], metavar="CERT",
                         help="PEM certificate chain a certificate signature must lead to (repeatable)")
-    verify.add_argument("--allow-unsealed", action="store_true",
-                        help="accept a format-1 manifest without its seal (nothing detects an edited manifest)")
+    _add_allow_unsealed(verify)
 
     sign = commands.add_parser("sign", help="sign every file of a bundle (OpenSSF model-signing format)")
     _add_sign_options(sign)
@@ -228,6 +227,10 @@ def _add_trust_options(parser: argparse.ArgumentParser) -> None:
                         help="refuse the bundle unless one of these PEM public keys signed it (repeatable)")
     parser.add_argument("--device-built", action="append", default=[], metavar="GLOB",
                         help="unsigned files allowed beside a signed bundle's own, e.g. 'engines/*'")
+    _add_allow_unsealed(parser)
+
+
+def _add_allow_unsealed(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-unsealed", action="store_true",
                         help="accept a format-1 manifest without its seal (nothing detects an edited manifest)")
 
@@ -244,7 +247,7 @@ def _add_sign_options(parser: argparse.ArgumentParser) -> None:
 def cmd_sign(args: argparse.Namespace) -> int:
     import os
 
-    from .signing import sign_bundle
+    from .bundle_signing import sign_bundle
 
     password = None
     if args.password_env is not None:
@@ -259,7 +262,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
 
 
 def _verify_signature(args: argparse.Namespace) -> None:
-    from .signing import verify_bundle_signature
+    from .bundle_signing import verify_bundle_signature
 
     who = verify_bundle_signature(args.bundle, args.signer, args.ca)
     print(f"signature: valid, by {who}; every file hashed against it")

@@ -5,7 +5,8 @@ statement lists the sha256 of every file in the bundle directory (manifest.json 
 signature itself excluded), signed with an elliptic-curve key or a certificate's key.
 
 Two halves, on purpose:
-- `sign_bundle` and `verify_bundle_signature` (`vce sign`, `vce verify --signer`) use the
+- `sign_bundle` and `verify_bundle_signature` (`vce sign`, `vce verify --signer`; in
+  vce_deploy/bundle_signing.py, which needs Bundle while bundle.py imports this module) use the
   `model-signing` package itself, so the files it writes and checks are its format exactly, and
   the full check hashes every file.
 - `check_signed_manifest` (Converter.load(trusted_keys=...)) re-implements only the offline
@@ -23,15 +24,10 @@ import fnmatch
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from .errors import BundleError, InputError
-from .fsio import atomic_write_bytes
-
-if TYPE_CHECKING:
-    from .bundle import Bundle
 
 SIGNATURE = "bundle.sig"
 MAX_SIGNATURE_BYTES = 4 << 20  # a real one is ~4 KB (one line per file); refuse to read a huge one
@@ -39,12 +35,6 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://model_signing/signature/v1.0"
 CURVES = {"secp256r1": "SHA256", "secp384r1": "SHA384", "secp521r1": "SHA512"}  # model-signing's, and its hashes
-
-
-def _manifest_name() -> str:
-    from .bundle import MANIFEST
-
-    return MANIFEST
 
 
 # -- keys ---------------------------------------------------------------------------------------
@@ -102,11 +92,7 @@ def pae(payload: bytes) -> bytes:
 
 def parse_signature(data: bytes, where: str) -> tuple[bytes, list[bytes]]:
     """bundle.sig's bytes -> (DSSE payload, signatures). Any other shape is a BundleError."""
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise BundleError(f"{where}: expected a model-signing signature (JSON), got unreadable bytes "
-                          f"({type(err).__name__})") from err
+    raw = _json(data, where, "a model-signing signature (JSON)")
     envelope = raw.get("dsseEnvelope") if isinstance(raw, dict) else None
     if not isinstance(envelope, dict):
         raise BundleError(f"{where}: expected a Sigstore bundle with a 'dsseEnvelope' object, got "
@@ -124,6 +110,14 @@ def parse_signature(data: bytes, where: str) -> tuple[bytes, list[bytes]]:
     return _b64(payload, where, "payload"), [_b64(s["sig"], where, "signature") for s in signatures]
 
 
+def _json(data: bytes, where: str, expected: str):
+    """UTF-8 JSON bytes -> the value; unreadable bytes (deep nesting included) are a BundleError."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise BundleError(f"{where}: expected {expected}, got unreadable bytes ({type(err).__name__})") from err
+
+
 def _b64(text: str, where: str, what: str) -> bytes:
     try:
         return base64.b64decode(text.encode("ascii"), validate=True)
@@ -133,11 +127,7 @@ def _b64(text: str, where: str, what: str) -> bytes:
 
 def signed_digests(payload: bytes, where: str) -> dict[str, str]:
     """The in-toto statement model-signing signs -> {file: sha256 hex}."""
-    try:
-        statement = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise BundleError(f"{where}: expected an in-toto statement (JSON) as the signed payload, got unreadable "
-                          f"bytes ({type(err).__name__})") from err
+    statement = _json(payload, where, "an in-toto statement (JSON) as the signed payload")
     predicate = statement.get("predicate") if isinstance(statement, dict) else None
     if (not isinstance(predicate, dict) or statement.get("_type") != STATEMENT_TYPE
             or statement.get("predicateType") != PREDICATE_TYPE):
@@ -161,9 +151,12 @@ def signed_digests(payload: bytes, where: str) -> dict[str, str]:
     return digests
 
 
-def check_signed_manifest(root: Path, manifest_data: bytes, trusted_keys: Iterable[Any]) -> dict[str, str]:
-    """Refuse unless bundle.sig is signed by one of trusted_keys and signs these manifest bytes.
-    Returns the signed {file: sha256}. Nothing of the bundle but bundle.sig is parsed here."""
+def check_signed_manifest(root: Path, manifest_data: bytes, trusted_keys: Iterable[Any],
+                          manifest: str) -> dict[str, str]:
+    """Refuse unless bundle.sig is signed by one of trusted_keys and signs these bytes of the
+    manifest (file name `manifest`: bundle.MANIFEST, passed in because bundle.py imports this
+    module, not the other way round). Returns the signed {file: sha256}. Nothing of the bundle
+    but bundle.sig is parsed here."""
     try:
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives import hashes
@@ -195,7 +188,6 @@ def check_signed_manifest(root: Path, manifest_data: bytes, trusted_keys: Iterab
                 continue
             digests = signed_digests(payload, str(path))
             actual = hashlib.sha256(manifest_data).hexdigest()
-            manifest = _manifest_name()
             if digests.get(manifest) != actual:
                 raise BundleError(f"{path}: the signature covers {manifest} with sha256 "
                                   f"{str(digests.get(manifest))[:16]}..., the bundle's hashes to {actual[:16]}...: "
@@ -216,13 +208,14 @@ def bundle_files(root: Path) -> list[str]:
     return sorted(f for f in found if f != SIGNATURE)
 
 
-def check_signed_files(bundle: "Bundle", digests: dict[str, str], device_built: Sequence[str] = ()) -> None:
-    """The signature lists exactly the manifest's files (same sha256) and manifest.json; files on disk
-    that it does not list are refused unless they match a device_built pattern."""
+def check_signed_files(bundle, digests: dict[str, str], manifest: str, device_built: Sequence[str] = ()) -> None:
+    """The signature lists exactly the manifest's files (same sha256) and the manifest itself (file
+    name `manifest`) of `bundle` (a bundle.Bundle); files on disk that it does not list are refused
+    unless they match a device_built pattern."""
     if isinstance(device_built, (str, bytes)) or not all(isinstance(p, str) for p in device_built):
         raise InputError(f"device_built: expected a list of glob patterns (str), got {device_built!r}")
     listed = {path: entry.sha256 for path, entry in bundle.manifest.files.items()}
-    listed[_manifest_name()] = digests.get(_manifest_name(), "")
+    listed[manifest] = digests.get(manifest, "")
     problems = [f"{p!r} not signed" for p in sorted(set(listed) - set(digests))]
     problems += [f"{p!r} signed but not in the manifest" for p in sorted(set(digests) - set(listed))]
     problems += [f"{p!r} sha256 differs between the signature and the manifest" for p in sorted(set(listed) & set(digests))
@@ -236,91 +229,3 @@ def check_signed_files(bundle: "Bundle", digests: dict[str, str], device_built: 
         raise BundleError(f"{bundle.path}: expected only signed files, got {len(extra)} unsigned: {extra[:10]}; "
                           "files built on this device must be allowed by name (device_built=['engines/*']) or "
                           "covered by a local signature (`vce sign` with this device's key)")
-
-
-# -- sign and verify everything: the model-signing package ------------------------------------------
-
-def _hashing_config():
-    from model_signing import hashing
-
-    return (hashing.Config().use_file_serialization(hashing_algorithm="sha256", allow_symlinks=False)
-            .set_ignored_paths(paths=[SIGNATURE], ignore_git_paths=False))
-
-
-def _model_signing():
-    try:
-        import model_signing.signing
-        import model_signing.verifying
-    except ImportError as err:  # model-signing, or pyOpenSSL that its certificate module needs
-        raise InputError(f"signing needs the model-signing package: expected `pip install 'vce-deploy[signing]'`, "
-                         f"got {err}") from err
-    return model_signing
-
-
-def sign_bundle(path: str | os.PathLike, key: str | os.PathLike, password: str | None = None,
-                certificate: str | os.PathLike | None = None, chain: Sequence[str | os.PathLike] = ()) -> Path:
-    """Sign every file of a verified, sealed bundle with an EC private key (PEM), or with a
-    certificate and its key: writes BUNDLE/bundle.sig atomically and returns its path."""
-    from .bundle import Bundle
-
-    bundle = Bundle.load(path, verify=True)  # a tampered bundle is refused, not signed
-    if not bundle.sealed:
-        raise BundleError(f"{bundle.path}: expected a sealed manifest to sign, got an unsealed one (re-export it)")
-    unlisted = sorted(set(bundle_files(bundle.path)) - set(bundle.manifest.files) - {_manifest_name()})
-    if unlisted:
-        raise BundleError(f"{bundle.path}: expected only the manifest's files in the bundle, got unlisted "
-                          f"{unlisted[:10]}; remove them (the signature would cover files nothing checks)")
-    if certificate is not None and not chain:  # model-signing needs the chain it embeds for verifiers
-        raise InputError("--certificate: expected --chain with the issuing CA (and any intermediates), got none")
-    for name, value in (("--key", key), ("--certificate", certificate), *(("--chain", c) for c in chain)):
-        if value is not None and not Path(value).is_file():
-            raise InputError(f"{name} {str(value)!r}: expected a PEM file, but it does not exist")
-    ms = _model_signing()
-    config = ms.signing.Config().set_hashing_config(_hashing_config())
-    try:
-        if certificate is None:
-            config.use_elliptic_key_signer(private_key=key, password=password)
-        else:
-            config.use_certificate_signer(private_key=key, signing_certificate=certificate, certificate_chain=chain)
-        with tempfile.TemporaryDirectory() as scratch:
-            written = Path(scratch) / SIGNATURE
-            config.sign(bundle.path, written)
-            data = written.read_bytes()
-    except (ValueError, TypeError) as err:  # a wrong password, a key that is not EC on a supported curve
-        raise InputError(f"--key {str(key)!r}: expected an EC private key (PEM) on {sorted(CURVES)}"
-                         f"{' matching the certificate' if certificate else ''}, got: {err}") from err
-    return atomic_write_bytes(bundle.path / SIGNATURE, data)
-
-
-def verify_bundle_signature(path: str | os.PathLike, signers: Sequence[str | os.PathLike] = (),
-                            certificate_chain: Sequence[str | os.PathLike] = ()) -> str:
-    """The full check (`vce verify --signer`): model-signing verifies bundle.sig against one of the
-    public keys (or, with certificate_chain, the certificate chain) and hashes every file. Returns
-    who signed; raises BundleError."""
-    from .bundle import Bundle
-
-    root = Path(path)
-    signature = root / SIGNATURE
-    if not signature.is_file():
-        raise BundleError(f"{root}: expected a signature {SIGNATURE}, got none: the bundle is unsigned")
-    ms = _model_signing()
-    failures = []
-    verifiers = [(f"key {Path(s).name} ({key_fingerprint(load_public_key(s, '--signer'))[:16]}...)",
-                  lambda config, s=s: config.use_elliptic_key_verifier(public_key=s)) for s in signers]
-    if certificate_chain:
-        verifiers.append((f"certificate chain {[Path(c).name for c in certificate_chain]}",
-                          lambda config: config.use_certificate_verifier(certificate_chain=certificate_chain)))
-    if not verifiers:
-        raise InputError("verify: expected at least one --signer public key or a --ca certificate chain")
-    for who, use in verifiers:
-        config = ms.verifying.Config().set_hashing_config(_hashing_config())
-        try:
-            use(config).verify(root, signature)
-        except Exception as err:  # noqa: BLE001 - model-signing raises ValueError, InvalidSignature, OpenSSL errors
-            failures.append(f"{who}: {type(err).__name__}: {str(err)[:300]}")
-            continue
-        # model-signing saw exactly the signed files with their digests; now the manifest must be sealed
-        # and its every listed file hash as it says
-        Bundle.load(root, verify=True)
-        return who
-    raise BundleError(f"{signature}: expected a signature that verifies, got: " + " | ".join(failures))
