@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from vce_deploy.contract import PRECISIONS
 from vce_deploy.errors import VCEError
@@ -43,7 +44,13 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=None, help="folder with the Omniglot zips")
     parser.add_argument("--split", default="paper", choices=("paper", "small"),
                         help="Omniglot split: int8 calibration on its training part, NLL on its test part")
+    parser.add_argument("--sign-key", default=None, metavar="KEY",
+                        help="sign the finished bundle with this PEM EC private key (same as `vce sign`)")
     args = parser.parse_args(argv)
+    if args.sign_key and not Path(args.sign_key).is_file():  # before minutes of export, not after
+        print(f"export failed, no bundle written: --sign-key {args.sign_key!r}: expected a PEM private key file, "
+              "but it does not exist", file=sys.stderr)
+        return 1
     try:
         export_bundle(args.checkpoint, args.out, precisions=tuple(args.precision), opset=args.opset,
                       parity_batches=tuple(args.batches), measure_nll=not args.no_nll, nll_subset=args.nll_subset,
@@ -54,6 +61,19 @@ def main(argv=None) -> int:
         return 1
     except (VCEError, ValueError, OSError) as err:  # a bad checkpoint, flag or data directory
         print(f"export failed, no bundle written: {err}", file=sys.stderr)
+        return 1
+    if args.sign_key:
+        return _sign(args.out, args.sign_key)
+    return 0
+
+
+def _sign(bundle: str, key: str) -> int:
+    from vce_deploy.bundle_signing import sign_bundle
+
+    try:
+        print(f"signed: {sign_bundle(bundle, key)}")
+    except VCEError as err:  # the bundle is written and valid; only its signature is missing
+        print(f"export done, signing failed (the bundle at {bundle} is unsigned): {err}", file=sys.stderr)
         return 1
     return 0
 

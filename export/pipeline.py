@@ -79,7 +79,7 @@ def _calibration_pairs(train, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.ascontiguousarray(train.images[c, i][order, None]), np.ascontiguousarray(train.images[c, j][order, None]))
 
 
-def _nll_metrics(stage: Path, precisions, test, subset: int, k: int, seed: int, log) -> dict:
+def _nll_metrics(stage: Path, precisions, test, subset: int, k: int, seed: int, log, split: str) -> dict:
     from vce_deploy.converter import Converter
     from vce_deploy.nll import one_shot_nll
     from vce_deploy.omniglot import nll_targets
@@ -106,7 +106,7 @@ def _nll_metrics(stage: Path, precisions, test, subset: int, k: int, seed: int, 
             r["cost_vs_fp32"] = float(cost.mean())
             r["cost_vs_fp32_sem"] = float(cost.std(ddof=1) / np.sqrt(len(cost))) if len(cost) > 1 else 0.0
             log(f"nll {precision} - fp32: {r['cost_vs_fp32']:+.4f} ± {r['cost_vs_fp32_sem']:.4f} nats (paired)")
-    return {"protocol": {"k": k, "targets": int(len(x)), "of": protocol_targets, "seed": seed,
+    return {"protocol": {"k": k, "targets": int(len(x)), "of": protocol_targets, "split": split, "seed": seed,
                          "subset": "evenly spaced over the protocol targets (docs/design.md)",
                          "runner": "onnxruntime CPUExecutionProvider"},
             **results}
@@ -194,7 +194,7 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
         metrics = dict(manifest.metrics, parity=report.to_dict())
         if measure_nll:
             ran = [c.precision for c in report.checks if c.ran and c.backend == "onnxruntime"]
-            metrics["nll"] = _nll_metrics(stage, ran, test, nll_subset, nll_k, nll_seed, log)
+            metrics["nll"] = _nll_metrics(stage, ran, test, nll_subset, nll_k, nll_seed, log, split)
         write_manifest(stage, dataclasses.replace(manifest, metrics=metrics))
         Bundle.load(stage, verify=True)  # the bundle reads back and every hash matches
         check_golden(stage, log)  # and passes the runtime's own check, the one `vce verify` runs

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from vce_deploy.bundle import Bundle
+from vce_deploy.bundle import FORMAT_VERSION, Bundle
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -162,7 +162,7 @@ def test_trtexec_command_matches_the_profile(smoke_bundle):
 
 def test_manifest_is_plain_json(smoke_bundle):
     raw = json.loads((smoke_bundle / "manifest.json").read_text())
-    assert raw["format_version"] == 1 and len(raw["files"]["encoder.onnx"]["sha256"]) == 64
+    assert raw["format_version"] == FORMAT_VERSION == 2 and len(raw["files"]["encoder.onnx"]["sha256"]) == 64
 
 
 # the engine builder (vce build) is tested in tests/test_edge.py with tests/fakegpu.py

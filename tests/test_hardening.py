@@ -32,7 +32,7 @@ import pytest
 from PIL import Image
 
 from vce_deploy import BundleError, CheckpointError, Converter, InputError, VCEError
-from vce_deploy.bundle import Bundle, sha256_file, write_raw_manifest
+from vce_deploy.bundle import Bundle, UnsealedBundleWarning, sha256_file, write_raw_manifest
 from vce_deploy.bundle_swap import _exchange, atomic_directory, check_replaceable, clean_stale
 from vce_deploy.checkpoint import load_model, load_tensors
 from vce_deploy.preprocess import MAX_PIXELS
@@ -122,7 +122,7 @@ def _bad_requests(glyphs, files):
         ("convert: rank 0", lambda c: c.convert(np.float32(0.5), 2), InputError,
          ["expected a path, bytes, PIL image or numpy array", "float32"]),
         ("convert: rank 1", lambda c: c.convert(np.zeros(28, np.uint8), 2), InputError,
-         ["expected an array (H, W), (B, H, W) or (B, 1, H, W)", "(28,)"]),
+         ["expected an array (H, W), (H, W, 3 or 4), (B, H, W), (B, 1, H, W)", "(28,)"]),
         ("convert: int64 pixels", lambda c: c.convert(g.astype(np.int64), 2), InputError,
          ["expected dtype bool, uint8, uint16 or float", "int64"]),
         ("convert: complex pixels", lambda c: c.convert(g.astype(np.complex64), 2), InputError,
@@ -162,7 +162,7 @@ def _bad_requests(glyphs, files):
         ("transfer: empty targets", lambda c: c.transfer(g, g, []), InputError,
          ["targets: expected at least one image", "empty batch"]),
         ("transfer: huge n", lambda c: c.transfer(g, g, g, n=10**7), InputError,
-         ["expected transfer() to fit", "convert_iter"]),
+         ["expected transfer() to fit", "transfer() calls"]),
         ("transfer: wrong rank targets", lambda c: c.transfer(g, g, np.zeros((1, 2, 1, 28, 28), np.uint8)),
          InputError, ["targets: expected an array", "(1, 2, 1, 28, 28)"]),
         ("convert_iter: n = 0", lambda c: c.convert_iter(g, 0), InputError, ["n: expected an integer >= 1", "got 0"]),
@@ -207,11 +207,12 @@ def _cli_cases(bundle: Path, files: dict, tmp_path: Path):
         (["convert", str(files["directory"]), *out], 1, ["expected an image file", "got a directory"]),
         (["convert", str(files["truncated"]), *out], 1, ["expected a readable image file"]),
         (["convert", str(files["huge"]), *out], 1, [f"expected at most {MAX_PIXELS} pixels"]),
-        (["convert", good, "-n", "100000000", *out], 1, ["max_output_bytes", "convert_iter"]),
+        # the CLI writes one image: refused for its size before the model loads
+        (["convert", good, "-n", "100000000", *out], 1, ["pixels in one image", "convert_iter"]),
         (["convert", good, "--temperature", "nan", *out], 1, ["temperature: expected a finite number", "nan"]),
         (["convert", good, "--max-batch", "0", *out], 1, ["max_batch: expected an integer >= 1, got 0"]),
         (["convert", good, "-o", str(tmp_path), "--bundle", str(bundle)], 1,
-         ["expected a PNG file path to write", "got a directory"]),
+         ["expected an image file path to write", "got a directory"]),
         (["convert", good, "-o", str(tmp_path / "g.png"), "--bundle", good], 1,
          ["expected a bundle directory", "got a file"]),
         (["verify", good], 1, ["expected a bundle directory", "got a file"]),
@@ -314,8 +315,11 @@ def no_session(monkeypatch):
 
 
 def test_one_changed_byte_in_any_file_is_refused_before_a_model_runs(copy, no_session):
+    """The files the fp32 ONNX Runtime load reads are refused by Converter.load before any session
+    exists; every other file (other precisions, checkpoint) by the full check (`vce verify`)."""
     names = sorted(tree_digest(copy))
     assert "manifest.json" in names and len(names) >= 8
+    used = {"manifest.json", "encoder.onnx", "convertor.onnx"}
     for name in names:
         path = copy / name
         original = path.read_bytes()
@@ -323,7 +327,10 @@ def test_one_changed_byte_in_any_file_is_refused_before_a_model_runs(copy, no_se
         data[len(data) // 2] ^= 0x01
         path.write_bytes(bytes(data))
         with pytest.raises(BundleError) as err:
-            Converter.load(copy, backend="onnxruntime", precision="fp32")
+            if name in used:
+                Converter.load(copy, backend="onnxruntime", precision="fp32")
+            else:
+                Bundle.load(copy, verify=True)
         assert "expected" in str(err.value) and "changed" in str(err.value) or "JSON" in str(err.value), err.value
         path.write_bytes(original)
     assert not no_session
@@ -350,15 +357,17 @@ def test_single_byte_changes_of_the_manifest_are_refused(copy):
 
 
 def test_a_renamed_key_in_an_unsealed_manifest_is_refused(copy):
-    """Bundles exported before the seal existed still load; a key changed in them is caught."""
+    """Format-1 bundles exported before the seal existed load when asked; a key changed in them is caught."""
     raw = json.loads((copy / "manifest.json").read_text())
     raw.pop("manifest_sha256")
+    raw["format_version"] = 1
     (copy / "manifest.json").write_text(json.dumps(raw))
-    assert not Bundle.load(copy).sealed
+    with pytest.warns(UnsealedBundleWarning):
+        assert not Bundle.load(copy, allow_unsealed=True).sealed
     raw["latent_dimm"] = raw.pop("latent_dim")
     (copy / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(BundleError, match=r"expected only the keys .* got unknown \['latent_dimm'\]"):
-        Bundle.load(copy)
+        Bundle.load(copy, allow_unsealed=True)
 
 
 def test_symlinked_directory_and_manifest_out_of_the_bundle_are_refused(copy, tmp_path):
@@ -418,15 +427,15 @@ def test_a_consistent_lie_is_caught_against_the_real_model(copy):
 
 
 def test_a_file_swapped_after_verification_is_refused(copy, monkeypatch):
-    """Backends load the bytes they hash: a file changed between verify and load never runs."""
-    original_verify = Bundle.verify
+    """Backends load the bytes they hash: a file changed between the manifest check and load never runs."""
+    original_check = Bundle.check_present
 
-    def verify_then_swap(self):
-        original_verify(self)
+    def check_then_swap(self):
+        original_check(self)
         with open(self.path / "encoder.onnx", "ab") as handle:
             handle.write(b"\0")
 
-    monkeypatch.setattr(Bundle, "verify", verify_then_swap)
+    monkeypatch.setattr(Bundle, "check_present", check_then_swap)
     with pytest.raises(BundleError, match="'encoder.onnx' has sha256 .* the file was changed"):
         Converter.load(copy, backend="onnxruntime")
 

@@ -65,11 +65,12 @@ def test_batch_forms():
 
 
 @pytest.mark.parametrize("bad, expected", [
-    (np.zeros((2, 3, 28, 28), np.uint8), "expected (B, 1, H, W) with one channel, got shape (2, 3, 28, 28)"),
+    (np.zeros((2, 3, 28, 28), np.uint8), "expected (B, 1, H, W) with one channel first, or (B, H, W, 3 or 4)"),
     (np.zeros((1, 1, 1, 28, 28), np.uint8), "got shape (1, 1, 1, 28, 28)"),
     (np.zeros((0, 28, 28), np.uint8), "got an empty batch"),
     ([], "got an empty batch"),
-    ([np.zeros((28, 28, 3), np.uint8)], "expected a 2-D (H, W) array, got shape (28, 28, 3)"),
+    ([np.zeros((28, 28, 2), np.uint8)], "expected a 2-D (H, W) array or a colour (H, W, 3 or 4) array, got shape "
+                                        "(28, 28, 2)"),
     (np.zeros((28, 28), np.int64), "expected dtype bool, uint8, uint16 or float, got int64"),
     (np.full((28, 28), 2.0, np.float32), "expected float pixels in [0, 1], got values in [2, 2]"),
     (np.full((28, 28), np.nan, np.float32), "expected finite pixel values, got NaN or inf"),

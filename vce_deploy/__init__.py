@@ -4,10 +4,13 @@ Importing this package never imports torch (only the eager reference backend, tr
 export do) nor any GPU library: backends import their engine when they are loaded.
 """
 from .backends import BACKENDS, BackendInfo
+from .batching import Batcher
 from .converter import Converter, conversion_grid, save_conversions
-from .errors import BackendError, BundleError, CheckpointError, EngineMismatchError, InputError, VCEError
+from .errors import (BackendError, BundleError, CheckpointError, DependencyError, EngineMismatchError, InputError,
+                     OverloadedError, RequestTimeoutError, VCEError)
 from .grid import save_grid
-from .preprocess import IMAGE_SIZE, preprocess, preprocess_batch
+from .inputs import DEFAULT_N, preprocess_batch
+from .preprocess import IMAGE_SIZE, preprocess
 
 __version__ = "0.1.0"
 
@@ -15,12 +18,17 @@ __all__ = [
     "BACKENDS",
     "BackendError",
     "BackendInfo",
+    "Batcher",
     "BundleError",
     "CheckpointError",
     "Converter",
+    "DEFAULT_N",
+    "DependencyError",
     "EngineMismatchError",
     "IMAGE_SIZE",
     "InputError",
+    "OverloadedError",
+    "RequestTimeoutError",
     "VCEError",
     "conversion_grid",
     "preprocess",

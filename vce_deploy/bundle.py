@@ -12,15 +12,19 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from .contract import MODELS, PRECISIONS
 from .errors import BundleError
 from .fsio import atomic_write_bytes
 
-FORMAT_VERSION = 1
+# Version 2 requires the seal below; version 1 (written before seals were required) loads unsealed
+# only when the caller asks for it (allow_unsealed), with an UnsealedBundleWarning. docs/signing.md
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 # what a listed file is: one of the two models, the checkpoint and its JSON sidecar, or the
 # golden outputs `vce verify` checks every backend against (vce_deploy/golden.py)
@@ -139,8 +143,8 @@ class Manifest:
         if not isinstance(raw, dict):
             raise BundleError(f"{where}: expected a JSON object, got {type(raw).__name__}")
         version = raw.get("format_version")
-        if type(version) is not int or version != FORMAT_VERSION:  # JSON true would equal 1
-            raise BundleError(f"{where}: expected format_version {FORMAT_VERSION}, got {version!r}; "
+        if type(version) is not int or version not in READABLE_VERSIONS:  # JSON true would equal 1
+            raise BundleError(f"{where}: expected format_version in {list(READABLE_VERSIONS)}, got {version!r}; "
                               "this vce_deploy cannot read it (re-export the bundle, or upgrade vce_deploy)")
         unknown = sorted(set(raw) - TOP_LEVEL_KEYS)
         if unknown:  # also catches a changed byte in a key name, which would otherwise fall back to a default
@@ -249,8 +253,16 @@ class Bundle:
         self.sealed = sealed  # manifest.json carries its own sha256 (every bundle exported since it existed)
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, verify: bool = True) -> "Bundle":
-        """Parse manifest.json and (verify=True) check every file's presence and sha256."""
+    def load(cls, path: str | os.PathLike | None = None, verify: bool = True, *, allow_unsealed: bool = False,
+             trusted_keys: Any = None, device_built: Sequence[str] = ()) -> "Bundle":
+        """Parse manifest.json; verify=True also hashes every listed file (`vce verify`). Converter.load
+        passes False and calls check_present: its backends hash the files they read, as they read them.
+
+        allow_unsealed: load a format-1 manifest without its seal (warns: nothing detects an edit).
+        trusted_keys: public keys (vce_deploy.signing.load_public_key) one of which must have signed
+        the bundle; checked before the manifest is even parsed. device_built: glob patterns of
+        unsigned files allowed beside a signed bundle's own (engines built on this device).
+        """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise BundleError(f"bundle path: expected a str or os.PathLike, got {type(path).__name__}")
         root = Path(path) if path is not None else default_bundle_path()
@@ -266,14 +278,17 @@ class Bundle:
         if size > MAX_MANIFEST_BYTES:
             raise BundleError(f"{manifest_path}: expected at most {MAX_MANIFEST_BYTES} bytes, got {size}")
         data = manifest_path.read_bytes()
-        try:
-            raw = json.loads(data.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-            raise BundleError(f"{manifest_path}: expected JSON, got unreadable text ({type(err).__name__}: "
-                              f"{str(err)[:200]})") from err
-        sealed = check_seal(data, raw, str(manifest_path))
-        manifest = Manifest.parse(raw, str(manifest_path))
+        signed = None
+        if trusted_keys is not None:  # before json.loads: an unsigned manifest is never parsed
+            from .signing import check_signed_manifest
+
+            signed = check_signed_manifest(root, data, trusted_keys, MANIFEST)
+        manifest, sealed = parse_manifest_bytes(data, str(manifest_path), allow_unsealed)
         bundle = cls(root, manifest, sealed)
+        if signed is not None:
+            from .signing import check_signed_files
+
+            check_signed_files(bundle, signed, MANIFEST, device_built)
         if verify:
             bundle.verify()
         return bundle
@@ -285,6 +300,12 @@ class Bundle:
             if not target.is_file():
                 raise BundleError(f"{self.path}: manifest lists {relative!r}, but the file is missing")
             self._check_hash(entry, sha256_file(target))
+
+    def check_present(self) -> None:
+        """Every listed file exists inside the bundle (no hashing: see read_verified)."""
+        for relative in self.manifest.files:
+            if not resolve_inside(self.path, relative).is_file():
+                raise BundleError(f"{self.path}: manifest lists {relative!r}, but the file is missing")
 
     def _check_hash(self, entry: FileEntry, actual: str) -> None:
         if actual != entry.sha256:
@@ -325,8 +346,36 @@ class Bundle:
 def default_bundle_path() -> Path:
     if not (DEFAULT_BUNDLE / MANIFEST).is_file():
         raise BundleError(f"no default bundle is installed at {DEFAULT_BUNDLE}; pass a bundle path "
-                          "(make one with `python -m train` and `python -m export`)")
+                          "(make one from a clone of the repository with `python -m train` and `python -m export`)")
     return DEFAULT_BUNDLE
+
+
+class UnsealedBundleWarning(UserWarning):
+    """A format-1 manifest without its seal was loaded because the caller allowed it."""
+
+
+def parse_manifest_bytes(data: bytes, where: str, allow_unsealed: bool = False) -> tuple[Manifest, bool]:
+    """manifest.json's bytes -> (Manifest, sealed). Format 2 must be sealed; an unsealed format 1
+    only with allow_unsealed (and a warning). Every refusal is a BundleError."""
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise BundleError(f"{where}: expected JSON, got unreadable text ({type(err).__name__}: "
+                          f"{str(err)[:200]})") from err
+    sealed = check_seal(data, raw, where)
+    manifest = Manifest.parse(raw, where)
+    if not sealed:
+        if manifest.format_version >= 2:
+            raise BundleError(f"{where}: expected {SEAL_KEY} (format_version {manifest.format_version} requires the "
+                              "seal), got none: the seal was removed, so any edit to the manifest would go unnoticed")
+        if not allow_unsealed:
+            raise BundleError(f"{where}: expected a sealed manifest ({SEAL_KEY}), got an unsealed format_version 1 "
+                              "manifest: nothing would detect an edited manifest. Re-export it, or load it anyway "
+                              "with allow_unsealed=True (vce --allow-unsealed)")
+        warnings.warn(f"{where}: loading an unsealed format_version 1 manifest because allow_unsealed was set: an "
+                      "edited or downgraded manifest (its seal removed) cannot be told from this one",
+                      UnsealedBundleWarning, stacklevel=3)
+    return manifest, sealed
 
 
 def check_seal(data: bytes, raw: Any, where: str) -> bool:

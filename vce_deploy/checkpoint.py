@@ -33,16 +33,18 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict, meta: dict[str, Any]
     atomic_write_bytes(sidecar_path(path), (json.dumps(body, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+def read_meta(path: str | os.PathLike, data: bytes | None = None) -> dict[str, Any]:
+    """The sidecar's content; `data`: its bytes when the caller has already read (and hashed) them."""
     side = sidecar_path(path)
-    if not side.is_file():
+    if data is None and not side.is_file():
         raise CheckpointError(f"{path}: expected a JSON sidecar at {side}, but it is missing")
     try:
-        meta = json.loads(side.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{side}: expected JSON, got unreadable text ({err})") from err
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{side}: expected format {CHECKPOINT_FORMAT!r}, got {meta.get('format')!r}")
+        meta = json.loads(side.read_bytes() if data is None else data)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{side}: expected JSON, got unreadable text ({type(err).__name__})") from err
+    found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if found != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{side}: expected format {CHECKPOINT_FORMAT!r}, got {found!r}")
     return meta
 
 
@@ -80,15 +82,16 @@ def load_tensors(path: str | os.PathLike, data: bytes | None = None) -> dict:
         raise CheckpointError(f"{path}: expected a valid safetensors file, got: {err}") from err
 
 
-def load_model(path: str | os.PathLike, data: bytes | None = None):
-    """Checkpoint -> (VCE in eval mode, meta). The config comes from the sidecar alone."""
+def load_model(path: str | os.PathLike, data: bytes | None = None, meta_data: bytes | None = None):
+    """Checkpoint -> (VCE in eval mode, meta). The config comes from the sidecar alone; `data` and
+    `meta_data`: the weights' and the sidecar's bytes, already read and hashed by the caller."""
     from .model import VCE, ModelConfig
 
     if Path(path).is_dir():
         raise CheckpointError(f"{path}: expected a .safetensors checkpoint file, got a directory")
     if data is None and not Path(path).is_file():
         raise CheckpointError(f"{path}: expected a .safetensors checkpoint file, but it does not exist")
-    meta = read_meta(path)
+    meta = read_meta(path, meta_data)
     try:
         config = ModelConfig.from_dict(meta["model_config"])
     except (KeyError, TypeError, ValueError) as err:

@@ -1,5 +1,5 @@
-"""The `vce` command: convert, inspect, verify, build. (The benchmark is `python -m bench`, in
-the source tree: it is not part of the runtime.)
+"""The `vce` command: convert, inspect, verify, sign, build, serve, export-triton. (The benchmark is
+`python -m bench`, in the source tree: it is not part of the runtime.)
 
 Exit codes: 0 ok, 1 error (a one-line message on stderr), 2 bad usage (argparse).
 """
@@ -13,6 +13,9 @@ import time
 from typing import Sequence
 
 from .errors import VCEError
+from .grid import FORMATS, WRAP_CELLS
+from .inputs import DEFAULT_N
+from .metrics import describe_mapping, describe_metrics
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,12 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vce", description="One-shot glyph conversion with a VCE bundle.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    convert = commands.add_parser("convert", help="write n variations of each glyph as one PNG grid")
+    convert = commands.add_parser("convert", help="write n variations of each glyph as one grid image")
     convert.add_argument("images", nargs="+", metavar="IMAGE", help="glyph image files (any size, either polarity)")
-    convert.add_argument("-n", type=int, default=16, help="variations per glyph (default 16)")
+    convert.add_argument("-n", type=int, default=DEFAULT_N, help=f"variations per glyph (default {DEFAULT_N})")
     convert.add_argument("--seed", type=int, default=None, help="noise seed (default: a fresh one, printed)")
     convert.add_argument("--temperature", type=float, default=1.0, help="noise scale (default 1.0)")
-    convert.add_argument("-o", "--output", required=True, help="PNG to write")
+    convert.add_argument("-o", "--output", required=True,
+                         help=f"image to write, format from its extension ({', '.join(FORMATS)}); its directory must "
+                              f"exist; rows wrap every {WRAP_CELLS} cells")
     convert.add_argument("--bundle", default=None, help="bundle directory (default: the shipped bundle)")
     convert.add_argument("--backend", default="auto", choices=("auto", *BACKENDS))
     convert.add_argument("--precision", default="fp32", choices=PRECISIONS)
@@ -35,10 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-batch", type=int, default=None, help="rows per engine call")
     convert.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     convert.add_argument("--no-condition", action="store_true", help="leave out the condition column")
+    _add_trust_options(convert)
 
     inspect = commands.add_parser("inspect", help="files, shapes, precisions, metrics and engines of a bundle")
-    inspect.add_argument("bundle")
+    inspect.add_argument("bundle", nargs="?", default=None, help="bundle directory (default: the shipped bundle)")
     inspect.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    inspect.add_argument("--allow-unsealed", action="store_true", help="show a format-1 manifest without its seal")
 
     verify = commands.add_parser("verify", help="check hashes, golden outputs on every backend here, and parity "
                                                       "against the checkpoint when torch is there")
@@ -47,8 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--split", default="small", choices=("small", "paper"),
                         help="Omniglot split whose test glyphs are compared on (default small)")
     verify.add_argument("--data-dir", default=None, help="folder with the Omniglot zips")
+    verify.add_argument("--signer", action="append", default=[], metavar="PUBKEY",
+                        help="PEM public key that must have signed the bundle (repeat for several); every file hashed")
+    verify.add_argument("--ca", action="append", default=[], metavar="CERT",
+                        help="PEM certificate chain a certificate signature must lead to (repeatable)")
+    _add_allow_unsealed(verify)
+
+    sign = commands.add_parser("sign", help="sign every file of a bundle (OpenSSF model-signing format)")
+    _add_sign_options(sign)
 
     _add_build_parser(commands)
+
+    add_serve_parser(commands, BACKENDS, PRECISIONS)
+    add_export_triton_parser(commands, PRECISIONS)
     return parser
 
 
@@ -73,7 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse: 2 for bad usage, 0 after --help
         return int(stop.code or 0)
-    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "build": cmd_build}
+    handlers = {"convert": cmd_convert, "inspect": cmd_inspect, "verify": cmd_verify, "build": cmd_build,
+                "sign": cmd_sign, "serve": cmd_serve, "export-triton": cmd_export_triton}
     try:
         return handlers[args.command](args)
     except (VCEError, OSError) as err:  # OSError: an output that cannot be written, a full disk
@@ -83,16 +102,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from .converter import Converter, save_conversions
+    from .grid import check_grid_size, check_output_path
+    from .preprocess import IMAGE_SIZE
 
+    # refused before the model loads: a wrong extension, a missing directory, a grid too big to write
+    check_output_path(args.output, make_parents=False)
+    if args.n >= 1:  # n < 1 is refused by convert, with its own message
+        check_grid_size(len(args.images), args.n + (0 if args.no_condition else 1), IMAGE_SIZE, wrap=WRAP_CELLS)
     seed = args.seed if args.seed is not None else secrets.randbelow(2**31)
     converter = Converter.load(args.bundle, backend=args.backend, precision=args.precision, device=args.device,
-                          max_batch=args.max_batch, threads=args.threads)
+                               max_batch=args.max_batch, threads=args.threads, allow_unsealed=args.allow_unsealed,
+                               trusted_keys=args.trusted_key or None, device_built=args.device_built)
     start = time.perf_counter()
     samples = converter.convert(args.images, args.n, seed=seed, temperature=args.temperature)
     seconds = time.perf_counter() - start
     path = save_conversions(args.output, samples, None if args.no_condition else args.images)
-    print(f"wrote {path}: {samples.shape[0]} glyphs x {args.n} variations, seed {seed}, "
-          f"{converter.backend_info.name} on {converter.backend_info.device} at {converter.precision}, convert {seconds * 1000:.1f} ms")
+    glyphs, variations = _count(samples.shape[0], "glyph"), _count(args.n, "variation")
+    print(f"wrote {path}: {glyphs} x {variations}, seed {seed}, "
+          f"{converter.backend_info.name} on {converter.backend_info.device} at {converter.precision}, "
+          f"convert {seconds * 1000:.1f} ms")
     converter.close()
     return 0
 
@@ -100,7 +128,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .bundle import Bundle
 
-    bundle = Bundle.load(args.bundle, verify=False)
+    bundle = Bundle.load(args.bundle, verify=False, allow_unsealed=args.allow_unsealed)
     m = bundle.manifest
     if args.json:
         print(json.dumps(m.to_dict(), indent=2))
@@ -124,10 +152,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               f"{' (' + info.gpu_name + ')' if info.gpu_name else ''}, batch min/opt/max "
               f"{info.min_batch}/{info.opt_batch}/{info.max_batch}")
     print("metrics:" if m.metrics else "metrics: none recorded")
-    for key, value in sorted(m.metrics.items()):
-        print(f"  {key}: {json.dumps(value, sort_keys=True)}")
+    for line in describe_metrics(m.metrics):
+        print(f"  {line}")
     if m.exporter:
-        print(f"exporter: {json.dumps(m.exporter, sort_keys=True)}")
+        print("\n".join(describe_mapping("exporter", m.exporter)))
     return 0
 
 
@@ -137,9 +165,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.batch < 1:
         print(f"vce verify: error: --batch: expected an integer >= 1, got {args.batch}", file=sys.stderr)
         return 2
-    bundle = Bundle.load(args.bundle, verify=True)  # raises BundleError on a missing or changed file
+    bundle = Bundle.load(args.bundle, verify=True, allow_unsealed=args.allow_unsealed)  # every file hashed
     print(f"hashes: {len(bundle.manifest.files)} files match the manifest")
-    golden_failed = _verify_golden(bundle)
+    if args.signer or args.ca:
+        _verify_signature(args)
+    golden_failed = _verify_golden(bundle, args.allow_unsealed)
     parity_failed = _verify_parity(bundle, args)
     if golden_failed is None and parity_failed is None:
         print("vce verify: error: no outputs were checked: the bundle has no golden outputs (re-export it, or "
@@ -149,7 +179,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if golden_failed or parity_failed else 0
 
 
-def _verify_golden(bundle) -> bool | None:
+def _verify_golden(bundle, allow_unsealed: bool = False) -> bool | None:
     """Every precision and engine runnable here against the bundle's golden outputs (no torch
     needed): True if any failed, None if nothing was compared (no golden set, or nothing ran
     here). vce_deploy/golden.py."""
@@ -159,7 +189,7 @@ def _verify_golden(bundle) -> bool | None:
     if golden is None:
         print("golden: none in this bundle (exported before golden outputs existed)")
         return None
-    results = verify_golden(bundle, golden)
+    results = verify_golden(bundle, golden, allow_unsealed=allow_unsealed)
     for result in results:
         print(result.line())
     ran = sum(r.status != "skipped" for r in results)
@@ -183,13 +213,63 @@ def _verify_parity(bundle, args: argparse.Namespace) -> bool | None:
     except (FileNotFoundError, ValueError) as err:
         print(f"parity: skipped (no Omniglot glyphs to compare on: {err}; pass --data-dir)")
         return None
-    report = check_parity(bundle.path, glyphs, batches=(args.batch,))
+    report = check_parity(bundle.path, glyphs, batches=(args.batch,), allow_unsealed=args.allow_unsealed)
     for check in report.checks:
         print(check.summary())
     engines = bundle.entries(format="tensorrt")
     if engines:
         print(f"engines: {len(engines)} listed; hashes checked, outputs compared where a backend ran them above")
     return not report.ok
+
+
+def _add_trust_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trusted-key", action="append", default=[], metavar="PUBKEY",
+                        help="refuse the bundle unless one of these PEM public keys signed it (repeatable)")
+    parser.add_argument("--device-built", action="append", default=[], metavar="GLOB",
+                        help="unsigned files allowed beside a signed bundle's own, e.g. 'engines/*'")
+    _add_allow_unsealed(parser)
+
+
+def _add_allow_unsealed(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allow-unsealed", action="store_true",
+                        help="accept a format-1 manifest without its seal (nothing detects an edited manifest)")
+
+
+def _add_sign_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("bundle")
+    parser.add_argument("--key", required=True, help="PEM elliptic-curve private key (P-256, P-384 or P-521)")
+    parser.add_argument("--password-env", default=None, metavar="VAR",
+                        help="environment variable holding the key's password (never on the command line)")
+    parser.add_argument("--certificate", default=None, help="PEM signing certificate for --key (certificate mode)")
+    parser.add_argument("--chain", action="append", default=[], help="PEM intermediate certificates (repeatable)")
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    import os
+
+    from .bundle_signing import sign_bundle
+
+    password = None
+    if args.password_env is not None:
+        password = os.environ.get(args.password_env)
+        if password is None:
+            print(f"vce sign: error: --password-env {args.password_env}: expected that environment variable to be "
+                  "set, got nothing", file=sys.stderr)
+            return 1
+    path = sign_bundle(args.bundle, args.key, password=password, certificate=args.certificate, chain=args.chain)
+    print(f"signed: {path} covers every file of {args.bundle}")
+    return 0
+
+
+def _verify_signature(args: argparse.Namespace) -> None:
+    from .bundle_signing import verify_bundle_signature
+
+    who = verify_bundle_signature(args.bundle, args.signer, args.ca)
+    print(f"signature: valid, by {who}; every file hashed against it")
+
+
+def _count(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _specs(specs) -> str:
@@ -206,3 +286,71 @@ def _size(path) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return str(size)
+
+
+def add_serve_parser(commands, backends, precisions) -> None:
+    serve = commands.add_parser("serve", help="the HTTP API, metrics and drawing page (docs/serving.md)")
+    serve.add_argument("--bundle", default=None, help="bundle directory (default: the shipped bundle)")
+    serve.add_argument("--backend", default="auto", choices=("auto", *backends))
+    serve.add_argument("--precision", default="fp32", choices=precisions)
+    serve.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's best)")
+    serve.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch", type=int, default=64, help="engine rows per merged batch; 0: no batching")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill (default 5)")
+    serve.add_argument("--max-queue", type=int, default=1024, help="queued requests before 503 (default 1024)")
+    serve.add_argument("--max-n", type=int, default=64, help="largest n per request (default 64)")
+    serve.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
+    serve.add_argument("--ray", action="store_true", help="serve on Ray Serve instead (vce_deploy/serve/ray_app.py)")
+    serve.add_argument("--ray-address", default=None, help="with --ray: an existing cluster (default: start one)")
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the deployment")
+    serve.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs each replica reserves")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeSettings
+
+    if args.max_batch < 0 or args.max_n < 1 or args.max_queue < 1 or not 0 <= args.max_wait_ms <= 10_000:
+        print("vce serve: error: expected --max-batch >= 0, --max-n >= 1, --max-queue >= 1 and --max-wait-ms in "
+              "[0, 10000]", file=sys.stderr)
+        return 2
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+                             max_n=args.max_n, max_body_bytes=args.max_body_bytes)
+    load = {"backend": args.backend, "precision": args.precision, "device": args.device, "threads": args.threads}
+    if args.ray:
+        from .serve.ray_app import run_ray
+
+        run_ray(args.bundle, load, settings, host=args.host, port=args.port, replicas=args.replicas,
+                cpus_per_replica=args.cpus_per_replica, address=args.ray_address)
+        return 0
+    from .converter import Converter
+    from .serve import serve
+
+    converter = Converter.load(args.bundle, **load)
+    loaded = converter.backend_info
+    print(f"vce serve: http://{args.host}:{args.port}/ ({loaded.name} on {loaded.device} at "
+          f"{converter.precision}; batching {'off' if args.max_batch == 0 else f'max {args.max_batch} rows, wait {args.max_wait_ms:g} ms'})",
+          flush=True)
+    serve(converter, settings, host=args.host, port=args.port)
+    converter.close()
+    return 0
+
+
+def add_export_triton_parser(commands, precisions) -> None:
+    triton = commands.add_parser("export-triton", help="a Triton Inference Server model repository from a bundle")
+    triton.add_argument("bundle", help="bundle directory ('default': the shipped bundle)")
+    triton.add_argument("out", help="model repository directory to write (must not exist)")
+    triton.add_argument("--precision", default="fp32", choices=precisions)
+    triton.add_argument("--max-batch", type=int, default=64, help="Triton max_batch_size (default 64)")
+    triton.add_argument("--max-queue-delay-us", type=int, default=5000, help="dynamic batching delay (default 5000)")
+
+
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from .triton import export_triton
+
+    bundle = None if args.bundle == "default" else args.bundle
+    out = export_triton(bundle, args.out, precision=args.precision, max_batch=args.max_batch,
+                        max_queue_delay_us=args.max_queue_delay_us)
+    print(f"wrote the Triton model repository {out} (docs/serving.md, \"Triton\")")
+    return 0

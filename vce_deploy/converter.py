@@ -12,7 +12,6 @@ between threads, and an error in one call leaves it ready for the next.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import re
 import warnings
@@ -24,57 +23,15 @@ import numpy as np
 from .backends import AUTO_ORDER, BACKENDS, Backend, BackendInfo, HostLatentSampler, LatentSampler
 from .bundle import Bundle
 from .contract import PRECISIONS
-from .errors import BundleError, InputError
-from .grid import save_grid
-from .preprocess import IMAGE_SIZE, preprocess_batch
+from .errors import BundleError, DependencyError, InputError
+from .grid import WRAP_CELLS, save_grid
+from .inputs import DEFAULT_N, glyph_items, positive_int, preprocess_batch, raw_batch, seed_value, temperature_value
+from .preprocess import IMAGE_SIZE
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 # convert() and transfer() return one array; past this many bytes they refuse and point to
 # convert_iter, which holds at most max_batch samples at a time. Per instance: converter.max_output_bytes.
 MAX_OUTPUT_BYTES = 1 << 30
-# Latents are N(0, temperature^2 I) in float32: far past any useful temperature (1 samples the
-# prior), and far below where float32 overflows inside the convolutions (~1e37 gives NaN).
-MAX_TEMPERATURE = 1e4
-
-
-def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise InputError(f"{what}: expected an integer >= 1, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise InputError(f"{what}: expected an integer >= 1, got {value}")
-    return int(value)
-
-
-def _seed(seed: Any) -> int | None:
-    if seed is None:
-        return None
-    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"seed: expected None or an integer >= 0, got {seed!r}")
-    return int(seed)
-
-
-def _temperature(value: Any) -> float:
-    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
-    if not real or not math.isfinite(value) or not 0 < value <= MAX_TEMPERATURE:
-        raise InputError(f"temperature: expected a finite number > 0 and <= {MAX_TEMPERATURE:g} (1.0 samples the "
-                         f"prior), got {value!r}")
-    return float(value)
-
-
-def _raw(array: Any, what: str, sample_shape: tuple[int, ...]) -> np.ndarray:
-    """A preprocessed batch for run_encoder / run_convertor: checked, never converted."""
-    expected = f"a float32 array (B, {', '.join(map(str, sample_shape))})"
-    if not isinstance(array, np.ndarray):
-        raise InputError(f"{what}: expected {expected}, got {type(array).__name__}")
-    if array.dtype != np.float32:
-        raise InputError(f"{what}: expected {expected}, got dtype {array.dtype} (convert it explicitly)")
-    if array.ndim != 1 + len(sample_shape) or array.shape[1:] != sample_shape:
-        raise InputError(f"{what}: expected {expected}, got shape {array.shape}")
-    if array.shape[0] == 0:
-        raise InputError(f"{what}: expected at least one row, got an empty batch {array.shape}")
-    if not np.isfinite(array).all():
-        raise InputError(f"{what}: expected finite values, got NaN or inf")
-    return np.ascontiguousarray(array)
 
 
 class Converter:
@@ -91,7 +48,8 @@ class Converter:
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, backend: str = "auto", precision: str = "fp32",
-             device: str | None = None, max_batch: int | None = None, threads: int | None = None) -> "Converter":
+             device: str | None = None, max_batch: int | None = None, threads: int | None = None, *,
+             allow_unsealed: bool = False, trusted_keys: Any = None, device_built: Any = ()) -> "Converter":
         """Verify the bundle at `path` (None: the shipped default) and load one backend.
 
         backend: "auto" (a TensorRT engine built for this GPU, else ONNX Runtime on its GPU
@@ -99,6 +57,8 @@ class Converter:
         device: None (the backend's best), "cpu", "cuda" or "cuda:N".
         max_batch: rows per engine call (default: the engine profile's max, or 256).
         threads: intra-op threads (default: physical cores).
+        allow_unsealed, trusted_keys, device_built: see Bundle.load and docs/signing.md; with
+        trusted_keys an unsigned or wrongly signed bundle is refused before anything is parsed.
         """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InputError(f"path: expected None, a str or os.PathLike bundle directory, got {type(path).__name__}")
@@ -110,10 +70,12 @@ class Converter:
         if device is not None and not (isinstance(device, str) and DEVICE.fullmatch(device)):
             raise InputError(f"device: expected None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         if max_batch is not None:
-            max_batch = _positive_int(max_batch, "max_batch")
+            max_batch = positive_int(max_batch, "max_batch")
         if threads is not None:
-            threads = _positive_int(threads, "threads")
-        bundle = Bundle.load(path)  # verifies every file's sha256 before anything runs
+            threads = positive_int(threads, "threads")
+        bundle = Bundle.load(path, verify=False, allow_unsealed=allow_unsealed, trusted_keys=trusted_keys,
+                             device_built=device_built)
+        bundle.check_present()  # the files the backend loads are hashed as it reads them (read_verified)
         if bundle.manifest.image_size != IMAGE_SIZE:
             raise BundleError(f"{bundle.path}: expected image_size {IMAGE_SIZE} (what preprocess makes), "
                               f"the manifest says {bundle.manifest.image_size}")
@@ -155,7 +117,7 @@ class Converter:
         from .backends.torch import TorchBackend
 
         backend = TorchBackend.from_module(model, channels_last)
-        max_batch = _positive_int(max_batch, "max_batch") if max_batch is not None else backend.default_max_batch
+        max_batch = positive_int(max_batch, "max_batch") if max_batch is not None else backend.default_max_batch
         info = BackendInfo(backend.name, backend.device, "fp32", backend.describe(), "a PyTorch model was given")
         return cls(None, backend, info, max_batch)
 
@@ -216,15 +178,17 @@ class Converter:
 
     # -- the glyph API ----------------------------------------------------------------------
 
-    def convert(self, images: Any, n: int, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
+    def convert(self, images: Any, n: int = DEFAULT_N, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
         """n new variations of every glyph in `images` -> (B, n, 28, 28) float32 Bernoulli means.
 
-        images: a path, PIL image or array (H, W) / (B, H, W) / (B, 1, H, W), or a list of them.
+        images: a path, PIL image or array (H, W) / (H, W, 3 or 4) / (B, H, W) / (B, 1, H, W) /
+        (B, H, W, 3 or 4), or a list of them (vce_deploy/inputs.py). n: default DEFAULT_N (16),
+        the same as `vce convert`.
         All B * n latents are drawn at once from N(0, temperature^2 I), so a seed gives the
         same output on the same backend whatever max_batch is. seed None: fresh noise.
         """
-        n = _positive_int(n, "n")
-        seed, temperature = _seed(seed), _temperature(temperature)
+        n = positive_int(n, "n")
+        seed, temperature = seed_value(seed), temperature_value(temperature)
         self._check_output("convert", 1, n)  # before opening any file: n alone may be too much
         conditions = preprocess_batch(images, "images")  # (B, 1, 28, 28)
         self._check_output("convert", conditions.shape[0], n)
@@ -236,13 +200,18 @@ class Converter:
         size = self.image_size
         need = glyphs * n * (size * size + self.latent_dim) * 4  # float32 output and latents
         if need > self.max_output_bytes:
+            if method == "convert":
+                advice = (f"stream it with convert_iter(images, n, seed), which holds at most max_batch = "
+                          f"{self._max_batch} samples at a time")
+            else:  # no streaming transfer: the job splits into independent calls
+                advice = ("split it into several transfer() calls over slices of targets or with a smaller n, "
+                          "each with its own seed")
             raise InputError(
                 f"n: expected {method}() to fit in max_output_bytes = {self.max_output_bytes} bytes, got {glyphs} "
-                f"glyphs x n = {n} samples = {need} bytes of float32 output and latents; stream it with "
-                f"convert_iter(images, n, seed), which holds at most max_batch = {self._max_batch} samples at a "
-                f"time (or raise converter.max_output_bytes)")
+                f"{_plural(glyphs, 'glyph')} x n = {n} samples = {need} bytes of float32 output and latents; "
+                f"{advice} (or raise converter.max_output_bytes)")
 
-    def convert_iter(self, images: Any, n: int, seed: int | None = None, temperature: float = 1.0,
+    def convert_iter(self, images: Any, n: int = DEFAULT_N, seed: int | None = None, temperature: float = 1.0,
                      conditions_per_chunk: int | None = None, progress: bool = False) -> Iterator[np.ndarray]:
         """`convert` for jobs too large to hold at once, in memory bounded by max_batch, not by n
         or the number of images: images are preprocessed only when their chunk is reached.
@@ -253,19 +222,20 @@ class Converter:
         in order. In both cases the chunks draw consecutively from one noise stream, so
         `np.concatenate([c.reshape(-1, 28, 28) for c in chunks]).reshape(B, n, 28, 28)`
         equals `convert(images, n, seed)`.
-        progress: show a tqdm bar (tqdm must be installed).
+        progress: show a tqdm bar (tqdm, a dependency of vce-deploy; DependencyError without it).
         """
-        n = _positive_int(n, "n")
-        seed, temperature = _seed(seed), _temperature(temperature)
-        per_chunk = (_positive_int(conditions_per_chunk, "conditions_per_chunk") if conditions_per_chunk is not None
+        n = positive_int(n, "n")
+        seed, temperature = seed_value(seed), temperature_value(temperature)
+        per_chunk = (positive_int(conditions_per_chunk, "conditions_per_chunk") if conditions_per_chunk is not None
                      else max(1, self._max_batch // n))
-        items, total = _as_items(images)
+        items, total = glyph_items(images, "images")
         bar = None
         if progress:
             try:
                 from tqdm.auto import tqdm
-            except ImportError as err:
-                raise InputError("progress=True: expected tqdm to be installed (pip install tqdm)") from err
+            except ImportError as err:  # not the caller's input: a package missing from this environment
+                raise DependencyError("progress=True draws a progress bar with tqdm, which is not installed "
+                                      "here: pip install tqdm (or call convert_iter without progress)") from err
             bar = tqdm(total=total, unit="glyph", desc="convert")
         return self._convert_chunks(items, n, seed, temperature, per_chunk, bar)
 
@@ -312,8 +282,8 @@ class Converter:
         z ~ N(mu, temperature^2 sigma^2) from Enc(x, q), then Con(z, target). One (x, q)
         pair applies to every target; P pairs apply pairwise to P targets.
         """
-        n = _positive_int(n, "n")
-        seed, temperature = _seed(seed), _temperature(temperature)
+        n = positive_int(n, "n")
+        seed, temperature = seed_value(seed), temperature_value(temperature)
         self._check_output("transfer", 1, n)
         examples, conditions = self._pairs(x, q)
         glyphs = preprocess_batch(targets, "targets")  # (T, 1, 28, 28)
@@ -346,7 +316,7 @@ class Converter:
         """Preprocessed float32 (B, 1, 28, 28) targets and conditions -> (mu, logvar), (B, D) each,
         in chunks of max_batch."""
         shape = (1, self.image_size, self.image_size)
-        x, q = _raw(x, "x", shape), _raw(q, "q", shape)
+        x, q = raw_batch(x, "x", shape), raw_batch(q, "q", shape)
         if x.shape[0] != q.shape[0]:
             raise InputError(f"x and q: expected the same batch size, got {x.shape[0]} and {q.shape[0]}")
         return self._encode(x, q)
@@ -354,28 +324,15 @@ class Converter:
     def run_convertor(self, z: np.ndarray, q: np.ndarray) -> np.ndarray:
         """float32 latents (B, D) and preprocessed conditions (B, 1, 28, 28) -> y (B, 1, 28, 28),
         in chunks of max_batch."""
-        z = _raw(z, "z", (self.latent_dim,))
-        q = _raw(q, "q", (1, self.image_size, self.image_size))
+        z = raw_batch(z, "z", (self.latent_dim,))
+        q = raw_batch(q, "q", (1, self.image_size, self.image_size))
         if z.shape[0] != q.shape[0]:
             raise InputError(f"z and q: expected the same batch size, got {z.shape[0]} and {q.shape[0]}")
         return self._backend.run_chunked("convertor", {"z": z, "q": q}, self._max_batch)["y"]
 
 
-def _as_items(images: Any) -> tuple[Iterator, int | None]:
-    """An iterator over single glyphs, and how many there are when that is known."""
-    if isinstance(images, np.ndarray):
-        if images.ndim == 2:
-            return iter([images]), 1
-        if images.ndim == 3:
-            return iter(images), images.shape[0]
-        if images.ndim == 4 and images.shape[1] == 1:
-            return iter(images[:, 0]), images.shape[0]
-        raise InputError(f"images: expected an array (H, W), (B, H, W) or (B, 1, H, W), got shape {images.shape}")
-    if isinstance(images, (str, bytes, os.PathLike)) or not hasattr(images, "__iter__"):
-        return iter([images]), 1
-    if hasattr(images, "__len__"):
-        return iter(images), len(images)
-    return iter(images), None
+def _plural(count: int, noun: str) -> str:
+    return noun if count == 1 else f"{noun}s"
 
 
 def conversion_grid(conditions: Any, samples: np.ndarray) -> np.ndarray:
@@ -390,8 +347,10 @@ def conversion_grid(conditions: Any, samples: np.ndarray) -> np.ndarray:
     return np.concatenate([conditions[:, None], samples], axis=1)
 
 
-def save_conversions(path: str | os.PathLike, samples: np.ndarray, conditions: Any = None, scale: int = 2) -> Path:
-    """Write `convert`'s output as one PNG grid (a row per condition); with `conditions`,
-    each row starts with its condition."""
+def save_conversions(path: str | os.PathLike, samples: np.ndarray, conditions: Any = None, scale: int = 2,
+                     wrap: int | None = WRAP_CELLS) -> Path:
+    """Write `convert`'s output as one grid image (a row per condition, wrapped every `wrap`
+    cells; format from the extension: .png, .jpg, ...); with `conditions`, each row starts
+    with its condition."""
     grid = samples if conditions is None else conversion_grid(conditions, samples)
-    return save_grid(grid, path, scale=scale)
+    return save_grid(grid, path, scale=scale, wrap=wrap)

@@ -27,3 +27,15 @@ class BackendError(VCEError):
 
 class EngineMismatchError(BackendError):
     """A TensorRT engine was built for another TensorRT version or GPU."""
+
+
+class OverloadedError(VCEError):
+    """A bounded request queue is full (or closing): try again later instead of growing memory."""
+
+
+class RequestTimeoutError(VCEError, TimeoutError):
+    """A request waited or ran past its deadline and was dropped."""
+
+
+class DependencyError(VCEError, ImportError):
+    """An optional package that a feature needs is not installed (the message names it)."""

@@ -121,8 +121,9 @@ def _targets(bundle: Bundle) -> list[tuple[str, str | None, str]]:
     return targets
 
 
-def verify_golden(bundle: Bundle, golden: Golden) -> list[GoldenResult]:
-    """Run every (backend, device, precision) this machine can run on the golden inputs."""
+def verify_golden(bundle: Bundle, golden: Golden, allow_unsealed: bool = False) -> list[GoldenResult]:
+    """Run every (backend, device, precision) this machine can run on the golden inputs
+    (allow_unsealed: as Bundle.load, for a format-1 bundle)."""
     from .backends import BACKENDS
     from .converter import Converter
 
@@ -134,7 +135,8 @@ def verify_golden(bundle: Bundle, golden: Golden) -> list[GoldenResult]:
             results.append(GoldenResult(name, shown, precision, "skipped", str(problem)))
             continue
         try:
-            with Converter.load(bundle.path, backend=name, precision=precision, device=device) as converter:
+            with Converter.load(bundle.path, backend=name, precision=precision, device=device,
+                                allow_unsealed=allow_unsealed) as converter:
                 got = run_golden(converter, golden)
         except BackendError as err:  # a GPU stack that fails at load is this machine's problem, reported
             results.append(GoldenResult(name, shown, precision, "FAILED", f"could not run: {err}"))

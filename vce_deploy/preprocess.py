@@ -20,6 +20,9 @@ BINARIZE_THRESHOLD = 0.5
 # Largest image accepted, in pixels (8192 x 8192): bounds the memory one glyph can take (a PNG
 # of a few KB can declare billions of pixels). Files are refused from their header, before decoding.
 MAX_PIXELS = 1 << 26
+# A trailing axis of this length makes an array one colour glyph (RGB, RGBA), never a batch.
+COLOUR_CHANNELS = (3, 4)
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, what PIL's convert("L") uses
 
 
 def _to_unit_float(array: np.ndarray, what: str) -> np.ndarray:
@@ -42,6 +45,19 @@ def _to_unit_float(array: np.ndarray, what: str) -> np.ndarray:
     raise InputError(
         f"{what}: expected dtype bool, uint8, uint16 or float, got {array.dtype}"
     )
+
+
+def _colour_gray(array: np.ndarray, what: str) -> np.ndarray:
+    """(H, W, 3) RGB or (H, W, 4) RGBA -> (H, W) float32 in [0, 1], exactly as the same pixels
+    opened as a PIL image: alpha composited onto white, then ITU-R 601 luma."""
+    if array.dtype == np.uint8:  # what np.asarray(PIL image) gives: let PIL do it, bit for bit
+        return _to_unit_float(_pil_gray(Image.fromarray(np.ascontiguousarray(array)), what), what)
+    unit = _to_unit_float(array, what)  # checks dtype and range for every channel
+    rgb = unit[..., :3]
+    if array.shape[-1] == 4:
+        alpha = unit[..., 3:]
+        rgb = rgb * alpha + (1.0 - alpha)  # onto white, as _pil_gray composites
+    return (rgb @ np.array(LUMA, np.float32)).astype(np.float32)
 
 
 def _pil_gray(image: Image.Image, what: str) -> np.ndarray:
@@ -67,7 +83,7 @@ def _pil_gray(image: Image.Image, what: str) -> np.ndarray:
 
 
 def preprocess(image: Any, what: str = "image") -> np.ndarray:
-    """One glyph (path, bytes, PIL image or 2-D array) -> float32 (28, 28) in {0, 1}.
+    """One glyph (path, bytes, PIL image, (H, W) or colour (H, W, 3 or 4) array) -> float32 (28, 28) in {0, 1}.
 
     Strokes come out as 1. A light background (Omniglot, scanned paper) is inverted; a dark
     one (chalkboard, MNIST-style) is kept, decided by the mean of the border pixels.
@@ -80,10 +96,14 @@ def preprocess(image: Any, what: str = "image") -> np.ndarray:
         _check_pixels(image.height, image.width, what)
         gray = _to_unit_float(_pil_gray(image, what), what)
     elif isinstance(image, np.ndarray):
-        if image.ndim != 2:
-            raise InputError(f"{what}: expected a 2-D (H, W) array, got shape {image.shape}")
-        _check_pixels(*image.shape, what)
-        gray = _to_unit_float(image, what)
+        colour = image.ndim == 3 and image.shape[-1] in COLOUR_CHANNELS
+        if image.ndim != 2 and not colour:
+            raise InputError(f"{what}: expected a 2-D (H, W) array or a colour (H, W, 3 or 4) array, "
+                             f"got shape {image.shape}")
+        if image.size == 0:  # before any min() or resize: both fail on an empty array
+            raise InputError(f"{what}: expected a non-empty image, got shape {image.shape}")
+        _check_pixels(image.shape[0], image.shape[1], what)
+        gray = _colour_gray(image, what) if colour else _to_unit_float(image, what)
     else:
         raise InputError(
             f"{what}: expected a path, bytes, PIL image or numpy array, got {type(image).__name__}"
@@ -123,33 +143,3 @@ def _open_image(source: Path | io.BytesIO, what: str | None = None) -> Image.Ima
         raise InputError(f"{name}: expected at most {MAX_PIXELS} pixels (8192 x 8192), got: {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         raise InputError(f"{name}: expected a readable image file (PNG, JPEG, ...), got: {err}") from err
-
-
-def preprocess_batch(images: Any, what: str = "images") -> np.ndarray:
-    """Everything the runtime API accepts -> float32 (B, 1, 28, 28) in {0, 1}.
-
-    Accepts one path/PIL image/2-D array, a list of them, or an array (B, H, W) or (B, 1, H, W).
-    """
-    if isinstance(images, np.ndarray):
-        if images.ndim == 2:
-            items = [images]
-        elif images.ndim == 3:
-            items = list(images)
-        elif images.ndim == 4:
-            if images.shape[1] != 1:
-                raise InputError(
-                    f"{what}: expected (B, 1, H, W) with one channel, got shape {images.shape}"
-                )
-            items = list(images[:, 0])
-        else:
-            raise InputError(
-                f"{what}: expected an array (H, W), (B, H, W) or (B, 1, H, W), got shape {images.shape}"
-            )
-    elif isinstance(images, (list, tuple)):
-        items = list(images)
-    else:
-        items = [images]
-    if not items:
-        raise InputError(f"{what}: expected at least one image, got an empty batch")
-    batch = [preprocess(item, what=f"{what}[{i}]") for i, item in enumerate(items)]
-    return np.stack(batch)[:, None]  # (B, 1, 28, 28)

@@ -189,7 +189,8 @@ def _compare(check: BackendParity, batch: int, got: dict, expected: dict) -> Non
                     f"(exceeded by {excess:.3e})"))
 
 
-def _check_one(bundle, backend: str, precision: str, device: str, cases: dict, expected: dict) -> BackendParity:
+def _check_one(bundle, backend: str, precision: str, device: str, cases: dict, expected: dict,
+               allow_unsealed: bool = False) -> BackendParity:
     from .backends import BACKENDS
     from .converter import Converter
 
@@ -198,7 +199,8 @@ def _check_one(bundle, backend: str, precision: str, device: str, cases: dict, e
     if problem is not None:
         return BackendParity(backend, precision, tolerance, ran=False, ran_by=str(problem))
     try:
-        converter = Converter.load(bundle.path, backend=backend, precision=precision, device=device)
+        converter = Converter.load(bundle.path, backend=backend, precision=precision, device=device,
+                                   allow_unsealed=allow_unsealed)
     except VCEError as err:
         reason = f"{backend} could not load it: {str(err).splitlines()[0]}"
         check = BackendParity(backend, precision, tolerance, ran=False, ran_by=reason)
@@ -213,25 +215,26 @@ def _check_one(bundle, backend: str, precision: str, device: str, cases: dict, e
 
 
 def check_parity(path: str | os.PathLike, glyphs: np.ndarray, batches=DEFAULT_BATCHES, device: str = "cpu",
-                 backends=None, precisions=None, seed: int = 0) -> ParityReport:
+                 backends=None, precisions=None, seed: int = 0, allow_unsealed: bool = False) -> ParityReport:
     """Every precision of the bundle at `path` on every backend (default: all but the reference)
     against the torch backend on its checkpoint, on `parity_inputs(glyphs, batches)`.
 
     A backend that cannot run a precision here (no engine, no GPU, not installed) is reported
     "not run here", not failed; but a precision whose tolerance says it must run (fp32, int8)
     and that no backend ran is a mismatch. Returns the report; `raise_if_failed` raises.
+    allow_unsealed: as Bundle.load, for a format-1 bundle (`vce verify --allow-unsealed`).
     """
     from .backends import BACKENDS
     from .converter import Converter
 
-    with Converter.load(path, backend=REFERENCE, device=device) as reference:
+    with Converter.load(path, backend=REFERENCE, device=device, allow_unsealed=allow_unsealed) as reference:
         bundle = reference.bundle
         cases = parity_inputs(glyphs, batches, reference.latent_dim, seed)
         expected = {batch: run_models(reference, inputs) for batch, inputs in cases.items()}
     have = {e.precision for e in bundle.entries(format="onnx")} | {e.precision for e in bundle.entries(format="tensorrt")}
     report = ParityReport()
     for precision in precisions or [p for p in PRECISIONS if p in have]:
-        checks = [_check_one(bundle, name, precision, device, cases, expected)
+        checks = [_check_one(bundle, name, precision, device, cases, expected, allow_unsealed)
                   for name in backends or [n for n in BACKENDS if n != REFERENCE]]
         if TOLERANCES[precision].must_run and not any(check.ran or check.mismatches for check in checks):
             reasons = "; ".join(f"{c.backend}: {c.ran_by}" for c in checks)

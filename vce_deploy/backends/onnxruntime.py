@@ -133,11 +133,13 @@ class OnnxRuntimeBackend(Backend):
         entries = {role: bundle.model_entry(role, precision, "onnx") for role in MODELS}
         for role, entry in entries.items():  # every manifest entry checked before any session exists
             check_entry_io(entry, role, str(bundle.path), self.image_size, self.latent_dim)
+        # both files read and hashed (once) before either is parsed: a changed byte in one is refused
+        # before any session exists. Sessions load these bytes, not the path: what runs is what was
+        # verified, and an ONNX file cannot pull in external data files the manifest does not list
+        verified = {role: bundle.read_verified(entry) for role, entry in entries.items()}
         for role, entry in entries.items():
             path = bundle.file(entry.path)
-            # from the bytes just hashed, not the path: what runs is what was verified, and an
-            # ONNX file cannot pull in external data files the manifest does not list
-            model_bytes = bundle.read_verified(entry)
+            model_bytes = verified.pop(role)
             try:
                 session = ort.InferenceSession(model_bytes, options, providers=providers)
             except Exception as err:  # ORT raises its own Fail/InvalidGraph types

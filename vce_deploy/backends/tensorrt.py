@@ -290,7 +290,10 @@ class TensorRTBackend(Backend):
         try:
             for role, source in sources.items():
                 check_entry_io(source.entry, role, str(bundle.path), self.image_size, self.latent_dim)
-                runner = EngineRunner(trt, self._runtime, source.read(), source.label, role, self.device_id)
+            # every engine (bundle or cache) read and hashed once before any is deserialized; they load from these bytes
+            verified = {role: source.read() for role, source in sources.items()}
+            for role, source in sources.items():
+                runner = EngineRunner(trt, self._runtime, verified.pop(role), source.label, role, self.device_id)
                 self._runners[role] = runner
                 compare_io(source.entry, *runner.io(), str(bundle.path))
         except BaseException:

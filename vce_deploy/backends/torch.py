@@ -31,7 +31,9 @@ def _torch():
     try:
         import torch
     except ImportError as err:
-        raise BackendError("the torch backend needs PyTorch: expected `pip install 'vce-deploy[torch]'`") from err
+        raise BackendError("the torch backend needs PyTorch: expected `pip install 'vce-deploy[torch]'` (for the CPU "
+                           "build, not the multi-GB CUDA one: add `--extra-index-url "
+                           "https://download.pytorch.org/whl/cpu`)") from err
     return torch
 
 
@@ -105,7 +107,9 @@ class TorchBackend(Backend):
         if threads:
             torch.set_num_threads(threads)  # process-wide in PyTorch: there is no per-model setting
         entry = bundle.entries("checkpoint", "safetensors")[0]
-        model, meta = load_model(bundle.checkpoint, data=bundle.read_verified(entry))  # the bytes that were hashed
+        sidecar = bundle.entries("checkpoint-meta", "json")
+        model, meta = load_model(bundle.checkpoint, data=bundle.read_verified(entry),  # the bytes that were hashed
+                                 meta_data=bundle.read_verified(sidecar[0]) if sidecar else None)
         config = model.config
         if (config.image_size, config.latent_dim) != (self.image_size, self.latent_dim):
             raise BundleError(f"{bundle.checkpoint}: checkpoint has image_size {config.image_size}, latent_dim "

@@ -1,0 +1,97 @@
+"""The manifest's metrics, as lines a person reads (`vce inspect`), and the reported NLL record.
+
+metrics["nll_reported"] is the figure the README reports, with its protocol (K, targets, split,
+seed) beside it; metrics["nll"] is the export's own quick check on a subset with a small K, kept
+so that precisions can be compared at export time. docs/export.md describes both.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+NLL_SECTIONS = {"nll_reported": "NLL, reported", "nll": "NLL, export-time check (not the reported figure)"}
+
+
+def _protocol(protocol: dict) -> str:
+    parts = []
+    if "k" in protocol:
+        parts.append(f"K = {protocol['k']}")
+    if "targets" in protocol:
+        of = f" of {protocol['of']}" if protocol.get("of") not in (None, protocol["targets"]) else ""
+        parts.append(f"{protocol['targets']}{of} targets")
+    if protocol.get("split"):
+        parts.append(f"{protocol['split']} split")
+    if "seed" in protocol:
+        parts.append(f"seed {protocol['seed']}")
+    if protocol.get("drawings"):
+        parts.append(protocol["drawings"])
+    known = {"k", "targets", "of", "split", "seed", "drawings"}
+    parts += [f"{key} {value}" for key, value in protocol.items() if key not in known]
+    return "; ".join(parts)
+
+
+def _nll_lines(title: str, section: dict) -> list[str]:
+    lines = [f"{title}: {_protocol(section.get('protocol', {}))}"]
+    for precision, r in section.items():
+        if precision == "protocol" or not isinstance(r, dict):
+            continue
+        text = f"  {precision:<5} NLL {r.get('nll_mean', float('nan')):.2f} ± {r.get('nll_sem', float('nan')):.2f} nats"
+        if "elbo_mean" in r:
+            text += f", -ELBO {r['elbo_mean']:.2f} ± {r.get('elbo_sem', float('nan')):.2f}"
+        if "cost_vs_fp32" in r:
+            text += f", cost vs fp32 {r['cost_vs_fp32']:+.3f} ± {r.get('cost_vs_fp32_sem', float('nan')):.3f} (paired)"
+        lines.append(text)
+    return lines
+
+
+def _parity_lines(section: dict) -> list[str]:
+    lines = ["parity of the ONNX models against the checkpoint (at export):"]
+    for precision, r in section.items():
+        if not isinstance(r, dict):
+            continue
+        verdict = "ok" if r.get("ok") else ("FAILED" if r.get("ran") else "not run")
+        errors = ", ".join(f"{name} {value:.1e}" for name, value in r.get("max_abs_error", {}).items())
+        tolerance = r.get("tolerance", {})
+        limit = f" (tolerance {tolerance.get('atol', '?'):g} + {tolerance.get('rtol', 0):g}*|ref|)" if tolerance else ""
+        lines.append(f"  {precision:<5} {verdict}: max |error| {errors or '-'}{limit}")
+    return lines
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+
+
+def describe_metrics(metrics: dict) -> list[str]:
+    """One short line per figure: reported NLL first, then the export's checks."""
+    lines: list[str] = []
+    for key, title in NLL_SECTIONS.items():
+        if isinstance(metrics.get(key), dict):
+            lines += _nll_lines(title, metrics[key])
+    if isinstance(metrics.get("parity"), dict):
+        lines += _parity_lines(metrics["parity"])
+    for key, value in sorted(metrics.items()):
+        if key not in NLL_SECTIONS and key != "parity":
+            lines += describe_mapping(key, value)
+    return lines
+
+
+def describe_mapping(title: str, value: Any) -> list[str]:
+    """A title line, then one indented line per key (nested objects indented further)."""
+    if not isinstance(value, dict):
+        return [f"{title}: {_plain(value)}"]
+    lines = [f"{title}:"]
+    for name, item in sorted(value.items()):
+        lines += [f"  {line}" for line in describe_mapping(name, item)]
+    return lines
+
+
+def reported_nll(result: dict, split: str, command: str) -> tuple[dict, dict]:
+    """A `python -m train.evaluate --json` result -> (protocol, figures) for metrics["nll_reported"]."""
+    drawings = ("all 20 drawings of each test character" if result.get("all_drawings") else
+                "drawings 0 and 10 of each test character, each conditioned on drawing i + 1")
+    protocol = {"k": int(result["k"]), "targets": int(result["targets"]), "split": split, "drawings": drawings,
+                "seed": int(result["seed"]), "command": command}
+    figures = {key: float(result[key]) for key in ("nll_mean", "nll_sem", "elbo_mean", "elbo_sem")}
+    return protocol, figures
