@@ -162,17 +162,18 @@ def test_the_manifest_carries_the_reported_nll_and_inspect_prints_it_readably(ca
     from vce_deploy.bundle import Bundle
 
     reported = Bundle.load(verify=False).manifest.metrics["nll_reported"]
-    assert {k: reported["protocol"][k] for k in ("k", "targets", "split")} == {"k": 1000, "targets": 212,
-                                                                                 "split": "small"}
-    for precision in ("fp32", "int8"):
-        measured = json.loads((ROOT / f"docs/measurements/nll_default_{precision}.json").read_text())
-        assert reported[precision]["nll_mean"] == measured["nll_mean"]
-        assert f"{measured['nll_mean']:.2f}" in (ROOT / "README.md").read_text()
+    assert {k: reported["protocol"][k] for k in ("k", "targets", "split")} == {"k": 200, "targets": 1318,
+                                                                                 "split": "paper"}
+    measured = json.loads((ROOT / "docs/measurements/nll_paper_fp32_k200.json").read_text())
+    assert reported["fp32"]["nll_mean"] == measured["nll_mean"]
+    assert reported["fp32"]["nll_sem"] == measured["nll_sem_characters"], "the SE over characters is reported"
+    readme = (ROOT / "README.md").read_text()
+    assert f"{measured['nll_mean']:.2f} ± {measured['nll_sem_characters']:.2f}" in readme
     assert main(["inspect"]) == 0
     out = capsys.readouterr().out
     metrics = out[out.index("metrics:"):]
-    assert re.search(r"NLL, reported: K = 1000; 212 targets; small split", metrics)
-    assert "fp32  NLL 113.36 ± 2.48 nats" in metrics
+    assert re.search(r"NLL, reported: K = 200; 1318 targets; paper split", metrics)
+    assert f"fp32  NLL {measured['nll_mean']:.2f} ± {measured['nll_sem_characters']:.2f} nats" in metrics
     assert not any(line.lstrip().startswith(("{", '"')) or len(line) > 240 for line in metrics.splitlines())
 
 

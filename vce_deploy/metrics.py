@@ -25,13 +25,18 @@ def _protocol(protocol: dict) -> str:
         parts.append(f"seed {protocol['seed']}")
     if protocol.get("drawings"):
         parts.append(protocol["drawings"])
-    known = {"k", "targets", "of", "split", "seed", "drawings"}
+    if protocol.get("standard_error"):
+        parts.append(f"SE {protocol['standard_error']}")
+    known = {"k", "targets", "of", "split", "seed", "drawings", "standard_error", "command"}
     parts += [f"{key} {value}" for key, value in protocol.items() if key not in known]
     return "; ".join(parts)
 
 
 def _nll_lines(title: str, section: dict) -> list[str]:
-    lines = [f"{title}: {_protocol(section.get('protocol', {}))}"]
+    protocol = section.get("protocol", {})
+    lines = [f"{title}: {_protocol(protocol)}"]
+    if protocol.get("command"):  # on its own line: a command is long
+        lines.append(f"  command: {protocol['command']}")
     for precision, r in section.items():
         if precision == "protocol" or not isinstance(r, dict):
             continue
@@ -45,15 +50,23 @@ def _nll_lines(title: str, section: dict) -> list[str]:
 
 
 def _parity_lines(section: dict) -> list[str]:
+    """Parity records are backend -> precision -> record (bundles from round 1: precision -> record)."""
     lines = ["parity of the ONNX models against the checkpoint (at export):"]
-    for precision, r in section.items():
+    nested = all(isinstance(v, dict) and all(isinstance(r, dict) for r in v.values()) and "ok" not in v
+                 for v in section.values())
+    rows = ([(f"{precision} on {backend}", r) for backend, by_precision in section.items()
+             for precision, r in by_precision.items()] if nested else list(section.items()))
+    for label, r in rows:
         if not isinstance(r, dict):
             continue
-        verdict = "ok" if r.get("ok") else ("FAILED" if r.get("ran") else "not run")
+        if r.get("ran") is False:
+            lines.append(f"  {label}: not run ({r.get('ran_by') or 'no reason given'})")
+            continue
+        verdict = "ok" if r.get("ok") else "FAILED"
         errors = ", ".join(f"{name} {value:.1e}" for name, value in r.get("max_abs_error", {}).items())
         tolerance = r.get("tolerance", {})
         limit = f" (tolerance {tolerance.get('atol', '?'):g} + {tolerance.get('rtol', 0):g}*|ref|)" if tolerance else ""
-        lines.append(f"  {precision:<5} {verdict}: max |error| {errors or '-'}{limit}")
+        lines.append(f"  {label} {verdict}: max |error| {errors or '-'}{limit}")
     return lines
 
 
@@ -94,4 +107,7 @@ def reported_nll(result: dict, split: str, command: str) -> tuple[dict, dict]:
     protocol = {"k": int(result["k"]), "targets": int(result["targets"]), "split": split, "drawings": drawings,
                 "seed": int(result["seed"]), "command": command}
     figures = {key: float(result[key]) for key in ("nll_mean", "nll_sem", "elbo_mean", "elbo_sem")}
+    if "nll_sem_characters" in result:  # a character's targets are correlated: its SE is the honest one
+        figures["nll_sem"] = float(result["nll_sem_characters"])
+        protocol["standard_error"] = "over characters"
     return protocol, figures
