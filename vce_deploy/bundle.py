@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from .contract import MODELS, PRECISIONS
 from .errors import BundleError
-from .fsio import atomic_write_bytes
+from .fsio import atomic_write_bytes, sha256_file
 
 # Version 2 requires the seal below; version 1 (written before seals were required) loads unsealed
 # only when the caller asks for it (allow_unsealed), with an UnsealedBundleWarning. docs/signing.md
@@ -39,14 +39,6 @@ MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is ~10 KB; refuse to read a hug
 TOP_LEVEL_KEYS = frozenset({"format_version", "image_size", "latent_dim", "latent_layout", "preprocessing",
                             "model_config", "train_config", "step", "metrics", "exporter", "files", SEAL_KEY})
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fsio import atomic_write_bytes
+from .fsio import atomic_write_bytes, sha256_file
 from .preprocess import preprocess
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
@@ -68,14 +68,6 @@ class Split:
 def default_cache_dir() -> Path:
     root = os.environ.get("VCE_CACHE_DIR") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(root) / "vce-deploy" / "omniglot"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _decode_zip(path: Path) -> tuple[list[tuple[str, str, str]], np.ndarray]:
