@@ -121,7 +121,7 @@ PY
         "A: API: colour arrays, empty arrays, default n, progress, the README snippet" "$work/api.log"
     check "A: vce --help" "$venv/vce" --help
     check "A: vce inspect (the shipped bundle, reported NLL readable)" \
-        bash -c "'$venv/vce' inspect | grep -q 'NLL, reported: K = 1000'"
+        bash -c "'$venv/vce' inspect | grep -q 'NLL, reported: K = [0-9]'"
     check "A: vce verify (the shipped bundle; parity skipped without torch, naming the CPU build)" \
         bash -c "'$venv/vce' verify | grep 'parity against the checkpoint: skipped' | grep -q 'download.pytorch.org/whl/cpu'"
     check "A: vce convert -o out.jpg writes a JPEG" bash -c "'$venv/vce' convert glyph.png -o out.jpg --seed 0 \
