@@ -142,7 +142,8 @@ def build_engines(bundle_path, precision: str, min_batch: int, opt_batch: int, m
     if not 1 <= min_batch <= opt_batch <= max_batch:
         raise ValueError(f"batch profile: expected 1 <= min <= opt <= max, got {min_batch}, {opt_batch}, {max_batch}")
     bundle = Bundle.load(bundle_path, verify=True)
-    entries = {role: bundle.model_entry(role, precision, "onnx") for role in ROLES}
+    # int8: the symmetric QDQ form, the only one TensorRT's explicit quantization takes
+    entries = {role: bundle.model_entry(role, precision, "onnx", ("tensorrt", "any")) for role in ROLES}
     timing_cache = Path(timing_cache) if timing_cache else default_timing_cache()
     for entry in entries.values():
         log("equivalent: " + trtexec_command(bundle.path, entry, precision, min_batch, opt_batch, max_batch,

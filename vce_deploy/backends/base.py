@@ -86,6 +86,9 @@ class Backend(ABC):
     `convert` to keep noise, inputs and outputs on the device."""
 
     name: ClassVar[str]
+    device_names: ClassVar[str] = r"cpu|cuda(:\d+)?"  # the devices it accepts (a regular expression)
+    options: ClassVar[dict[str, tuple]] = {}
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")  # contract.RUN_PRECISIONS it runs  # Converter.load(backend_options=...) keys -> allowed values
 
     def __init__(self, bundle: "Bundle", precision: str, device: str, threads: int | None):
         self.bundle = bundle

@@ -81,7 +81,10 @@ class OnnxRuntimeBackend(Backend):
         providers = self._providers(ort)
         self._sessions = {}
         self._output_names = {}
-        entries = {role: bundle.model_entry(role, precision, "onnx") for role in MODELS}
+        # int8: the uint8-activation form on the CPU (x86 U8S8 kernels), the symmetric one on a GPU
+        consumers = ("tensorrt", "any", "cpu") if self.on_gpu else ("cpu", "any", "tensorrt")
+        entries = {role: bundle.model_entry(role, precision, "onnx", consumers) for role in MODELS}
+        self._files = [f"{e.path} (consumer {e.consumer})" for e in entries.values()]
         for role, entry in entries.items():  # every manifest entry checked before any session exists
             check_entry_io(entry, role, str(bundle.path), self.image_size, self.latent_dim)
         for role, entry in entries.items():
@@ -121,7 +124,7 @@ class OnnxRuntimeBackend(Backend):
         noise = ("on the device (CuPy)" if self._cupy is not None else "on the host (install CuPy to draw "
                  "it on the device)") if self.on_gpu else "on the host"
         return (f"onnxruntime {self._ort.__version__}, providers {self.providers}, "
-                f"{self.intra_op_threads} intra-op threads, noise drawn {noise}")
+                f"{self.intra_op_threads} intra-op threads, files {', '.join(self._files)}, noise drawn {noise}")
 
     # -- GPU: noise drawn on the device, inputs and outputs bound there --------------------
 

@@ -18,6 +18,7 @@ def _torch():
 
 class TorchBackend(Backend):
     name = "torch"
+    precisions = ("fp32",)
 
     @classmethod
     def unavailable(cls, bundle, precision, device):

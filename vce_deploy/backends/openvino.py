@@ -1,0 +1,129 @@
+"""OpenVINO: the fast CPU backend on x86 (bf16 on AMX / AVX512-BF16, int8 on VNNI / AMX-INT8).
+
+Both models are read from the bundle's verified ONNX bytes and compiled once, in __init__, with
+the precision as OpenVINO's INFERENCE_PRECISION_HINT (f32, or bf16 for the fp32 graph; the int8
+QDQ file in its CPU form runs with f32 between its int8 convolutions). Calls take an infer
+request from a pool (one per concurrent caller, created on demand and reused): an InferRequest
+is not thread safe, the CompiledModel that makes them is, so one Converter serves many threads
+without a lock around the engine (docs/cpu_inference.md, "Threads").
+
+Devices: "cpu" is run and tested here. OpenVINO's own names for an Intel GPU or NPU ("GPU",
+"GPU.1", "NPU") pass through to Core.compile_model unchanged; they are not run here.
+"""
+from __future__ import annotations
+
+import queue
+from typing import ClassVar
+
+import numpy as np
+
+from ..cpu import BF16_FLAGS, this_cpu
+from ..errors import BackendError, BundleError, InputError
+from .base import MODELS, Backend, check_entry_io, compare_io, physical_cores
+
+PRECISIONS = ("fp32", "bf16", "int8")
+HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # INFERENCE_PRECISION_HINT per precision
+FILE_PRECISION = {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT")
+OV_TYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64", "i32": "int32",
+            "u8": "uint8", "i8": "int8"}
+CONSUMERS = ("cpu", "any", "tensorrt")  # the int8 form x86 kernels run fast first
+
+
+def _ov():
+    try:
+        import openvino
+    except ImportError as err:
+        raise BackendError("openvino is not installed: expected `pip install 'vce-deploy[openvino]'`") from err
+    return openvino
+
+
+def ov_device(device: str) -> str:
+    """The runtime's "cpu" is OpenVINO's "CPU"; OpenVINO device names pass through."""
+    return "CPU" if device == "cpu" else device
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+    precisions = PRECISIONS
+    device_names = r"cpu|GPU(\.\d+)?|NPU"
+    options: ClassVar[dict[str, tuple]] = {"performance_hint": PERFORMANCE_HINTS}
+
+    @classmethod
+    def unavailable(cls, bundle, precision, device):
+        if precision not in PRECISIONS:
+            return BackendError(f"openvino runs precisions {list(PRECISIONS)}, got {precision!r}")
+        try:
+            _ov()
+        except BackendError as err:
+            return err
+        if precision == "bf16" and (device or "cpu") == "cpu" and not this_cpu().native_bf16:
+            runs = [p for p in PRECISIONS if p != "bf16"]
+            return BackendError(f"precision 'bf16' needs a CPU with native bfloat16 ({' or '.join(BF16_FLAGS)} in "
+                                f"/proc/cpuinfo); this {this_cpu().describe()} has neither: openvino here runs {runs}")
+        if not bundle.entries("convertor", "onnx", FILE_PRECISION[precision]):
+            return BackendError(f"{bundle.path} has no {FILE_PRECISION[precision]} ONNX graphs for openvino "
+                                f"precision {precision!r}")
+        return None
+
+    def __init__(self, bundle, precision, device, threads, performance_hint: str = "LATENCY"):
+        super().__init__(bundle, precision, device, threads)
+        if performance_hint not in PERFORMANCE_HINTS:
+            raise InputError(f"performance_hint: expected one of {list(PERFORMANCE_HINTS)}, got {performance_hint!r}")
+        ov = _ov()
+        self._ov_version = ov.__version__.split("-")[0]
+        core = ov.Core()
+        self.threads = threads or physical_cores()
+        config = {"INFERENCE_PRECISION_HINT": HINT[precision], "PERFORMANCE_HINT": performance_hint}
+        if ov_device(device) == "CPU":
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        self.performance_hint = performance_hint
+        self._compiled, self._pools, self._outputs, self._files = {}, {}, {}, []
+        entries = {role: bundle.model_entry(role, FILE_PRECISION[precision], "onnx", CONSUMERS) for role in MODELS}
+        for role, entry in entries.items():
+            check_entry_io(entry, role, str(bundle.path), self.image_size, self.latent_dim)
+        for role, entry in entries.items():
+            try:  # the verified bytes, never the path: what runs is what was hashed
+                model = core.read_model(bundle.read_verified(entry), b"")
+            except RuntimeError as err:
+                raise BundleError(f"{bundle.file(entry.path)}: expected an ONNX model OpenVINO reads (its sha256 "
+                                  f"matches the manifest), got: {str(err).splitlines()[0]}") from err
+            compare_io(entry, _specs(model.inputs), _specs(model.outputs), str(bundle.path))
+            try:
+                self._compiled[role] = core.compile_model(model, ov_device(device), config)
+            except RuntimeError as err:
+                raise BackendError(f"openvino could not compile {entry.path} for {ov_device(device)!r} with "
+                                   f"{config}: {str(err).splitlines()[0]}") from err
+            self._outputs[role] = [o.get_any_name() for o in self._compiled[role].outputs]
+            self._pools[role] = queue.SimpleQueue()
+            self._pools[role].put(self._compiled[role].create_infer_request())  # the first one, made at load
+            self._files.append(f"{entry.path} (consumer {entry.consumer})")
+
+    def run(self, model, inputs):
+        pool = self._pools[model]
+        try:
+            request = pool.get_nowait()
+        except queue.Empty:  # more concurrent callers than requests so far: one more, kept after
+            request = self._compiled[model].create_infer_request()
+        try:
+            # share_inputs: OpenVINO reads the caller's arrays in place; outputs are copied out
+            # before the request goes back to the pool, where the next call overwrites them
+            results = request.infer(inputs, share_inputs=True, share_outputs=True)
+            return {name: np.array(results[i]) for i, name in enumerate(self._outputs[model])}
+        finally:
+            pool.put(request)
+
+    def describe(self) -> str:
+        return (f"openvino {self._ov_version} on {ov_device(self.device)}, INFERENCE_PRECISION_HINT "
+                f"{HINT[self.precision]}, PERFORMANCE_HINT {self.performance_hint}, {self.threads} threads, "
+                f"files {', '.join(self._files)}, a pool of infer requests (one per concurrent caller), "
+                "noise drawn on the host")
+
+
+def _specs(ports) -> dict[str, tuple[tuple, str]]:
+    out = {}
+    for port in ports:
+        shape = tuple(d.get_length() if d.is_static else None for d in port.get_partial_shape())
+        out[port.get_any_name()] = (shape, OV_TYPES.get(port.get_element_type().get_type_name(),
+                                                        port.get_element_type().get_type_name()))
+    return out
