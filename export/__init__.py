@@ -19,8 +19,10 @@ from typing import Callable
 
 import numpy as np
 
-from vce_deploy.bundle import (FORMAT_VERSION, PRECISIONS, Bundle, FileEntry, Manifest, TensorSpec, atomic_directory,
+from vce_deploy.bundle import (FORMAT_VERSION, Bundle, FileEntry, Manifest, TensorSpec, atomic_directory,
                                check_replaceable, file_entry, write_manifest)
+
+from vce_deploy.contract import RUN_PRECISIONS
 
 from .onnx_export import DEFAULT_OPSET, IO_NAMES, io_shapes
 from .parity import DEFAULT_BATCHES, ParityError, ParityReport
@@ -35,6 +37,13 @@ NLL_SUBSET = 64
 NLL_K = 100
 CALIBRATION_PAIRS_PER_CHARACTER = 4  # 136 training characters -> 544 real (x, q) pairs
 SUFFIX = {"fp32": "", "fp16": ".fp16", "int8": ".int8"}
+CONSUMER_SUFFIX = {"any": "", "tensorrt": "", "cpu": ".cpu"}  # encoder.int8.onnx (TensorRT), encoder.int8.cpu.onnx
+# precision -> the file variants it exports: (variant name in the manifest metrics, consumer).
+# bf16 has no file of its own: it is the fp32 graph computed in bfloat16, checked and measured
+# on OpenVINO (contract.RUN_PRECISIONS)
+VARIANTS = {"fp32": (("fp32", "any"),), "fp16": (("fp16", "any"),), "bf16": (("bf16", "any"),),
+            "int8": (("int8-tensorrt", "tensorrt"), ("int8-cpu", "cpu"))}
+FILE_PRECISION = {"bf16": "fp32"}
 LATENT_LAYOUT = "(H, 2): z[2r] and z[2r+1] belong to image row r"
 PREPROCESSING = {
     "steps": ["grayscale", "invert unless the border mean is dark (strokes become 1)",
@@ -43,16 +52,17 @@ PREPROCESSING = {
 }
 
 
-def model_file(role: str, precision: str) -> str:
-    """encoder.onnx, convertor.fp16.onnx, encoder.int8.onnx, ..."""
-    return f"{role}{SUFFIX[precision]}.onnx"
+def model_file(role: str, precision: str, consumer: str = "any") -> str:
+    """encoder.onnx, convertor.fp16.onnx, encoder.int8.onnx (TensorRT form), encoder.int8.cpu.onnx, ..."""
+    precision = FILE_PRECISION.get(precision, precision)
+    return f"{role}{SUFFIX[precision]}{CONSUMER_SUFFIX[consumer]}.onnx"
 
 
 def _check_precisions(precisions) -> tuple[str, ...]:
     chosen = tuple(dict.fromkeys(precisions))
-    unknown = [p for p in chosen if p not in PRECISIONS]
+    unknown = [p for p in chosen if p not in RUN_PRECISIONS]
     if unknown:
-        raise ValueError(f"precisions: expected a subset of {list(PRECISIONS)}, got unknown {unknown}")
+        raise ValueError(f"precisions: expected a subset of {list(RUN_PRECISIONS)}, got unknown {unknown}")
     if "fp32" not in chosen:
         raise ValueError(f"precisions: expected fp32 among {list(chosen)}: it is the parity reference and the "
                          "source the fp16 and int8 graphs are made from")
@@ -98,9 +108,10 @@ def _nll_metrics(runners: dict, test, subset: int, k: int, seed: int, log) -> di
         r = one_shot_nll(runner, x, q, k=k, seed=seed)
         results[precision] = {key: r[key] for key in ("nll_mean", "nll_sem", "elbo_mean", "elbo_sem")}
         results[precision]["seconds"] = round(time.perf_counter() - t0, 2)
+        results[precision]["runner"] = runner.ran_by
         results[precision]["per_target"] = np.asarray(r["nll_per_target"])
         log(f"nll {precision}: {r['nll_mean']:.3f} ± {r['nll_sem']:.3f} nats (K={k}, {len(x)} targets, "
-            f"{results[precision]['seconds']:.1f} s, onnxruntime CPU)")
+            f"{results[precision]['seconds']:.1f} s, {runner.ran_by})")
     reference = results.get("fp32", {}).get("per_target")
     for precision, r in results.items():
         per_target = r.pop("per_target")
@@ -111,7 +122,9 @@ def _nll_metrics(runners: dict, test, subset: int, k: int, seed: int, log) -> di
             log(f"nll {precision} - fp32: {r['cost_vs_fp32']:+.4f} ± {r['cost_vs_fp32_sem']:.4f} nats (paired)")
     return {"protocol": {"k": k, "targets": int(len(x)), "of": 212, "seed": seed,
                          "subset": "evenly spaced over the DESIGN.md protocol targets",
-                         "runner": "onnxruntime CPUExecutionProvider"},
+                         "cost_vs_fp32": "mean over targets of NLL(variant) - NLL(fp32), same targets and "
+                                         "importance-sampling noise (paired), with its standard error",
+                         "runner": "per variant: its 'runner'"},
             **results}
 
 
@@ -171,15 +184,19 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
         if "int8" in precisions:
             x, q = _calibration_pairs(load_train(data_dir), seed=0)
             feeds = calibration_batches(reference, x, q)
-            for role in IO_NAMES:
-                to_int8(stage / model_file(role, "fp32"), stage / model_file(role, "int8"), role, feeds[role],
-                        size, latent, opset)
+            for _, consumer in VARIANTS["int8"]:
+                for role in IO_NAMES:
+                    to_int8(stage / model_file(role, "fp32"), stage / model_file(role, "int8", consumer), role,
+                            feeds[role], size, latent, opset, consumer)
             exporter["int8_calibration"] = {
                 "pairs": int(len(x)), "source": "training alphabets, real (x, q) pairs",
                 "convertor_latents": "half z ~ q(z|x,q) from the fp32 encoder, half z ~ N(0, I)",
-                "method": "MinMax", "format": "QDQ, symmetric int8 activations, per-channel symmetric int8 weights",
+                "method": "MinMax", "weights": "per-channel symmetric int8",
+                "forms": {"tensorrt": "QDQ, symmetric int8 activations (zero point 0)",
+                          "cpu": "QDQ, asymmetric uint8 activations (ONNX Runtime x86 U8S8, OpenVINO)"},
                 "quantized_ops": ["Conv"], "float_ops": ["the stem Conv reading the inputs"]}
-        files = {p: (stage / model_file("encoder", p), stage / model_file("convertor", p)) for p in precisions}
+        files = {variant: (stage / model_file("encoder", p, consumer), stage / model_file("convertor", p, consumer))
+                 for p in precisions for variant, consumer in VARIANTS[p]}
         report, runners = run_parity(reference, files, test.images, size, latent, batches=parity_batches)
         log(report.text())
         report.raise_if_failed()  # before anything is renamed into place
@@ -205,11 +222,14 @@ def _entries(stage: Path, precisions, size: int, latent: int) -> dict[str, FileE
         "checkpoint.json": file_entry(stage, "checkpoint.json", role="checkpoint-meta", format="json"),
     }
     for precision in precisions:
-        for role, (inputs, outputs) in IO_NAMES.items():
-            shapes = io_shapes(role, size, latent)
-            rel = model_file(role, precision)
-            entries[rel] = file_entry(
-                stage, rel, role=role, format="onnx", precision=precision,
-                inputs=tuple(TensorSpec(n, shapes[n], "float32") for n in inputs),
-                outputs=tuple(TensorSpec(n, shapes[n], "float32") for n in outputs))
+        if precision in FILE_PRECISION:  # bf16: no file of its own
+            continue
+        for _, consumer in VARIANTS[precision]:
+            for role, (inputs, outputs) in IO_NAMES.items():
+                shapes = io_shapes(role, size, latent)
+                rel = model_file(role, precision, consumer)
+                entries[rel] = file_entry(
+                    stage, rel, role=role, format="onnx", precision=precision, consumer=consumer,
+                    inputs=tuple(TensorSpec(n, shapes[n], "float32") for n in inputs),
+                    outputs=tuple(TensorSpec(n, shapes[n], "float32") for n in outputs))
     return entries

@@ -159,6 +159,7 @@ class OnnxModel:
                          for role, path in self.paths.items()}
         self.providers = self.sessions["convertor"].get_providers()
         self.ort_version = ort.__version__
+        self.ran_by = f"onnxruntime {ort.__version__} {self.providers}"
 
     def io(self, role: str) -> tuple[list, list]:
         s = self.sessions[role]
@@ -176,6 +177,49 @@ class OnnxModel:
     def run_convertor(self, z, q):
         return self.run("convertor", {"z": np.ascontiguousarray(z, np.float32),
                                       "q": np.ascontiguousarray(q, np.float32)})["y"]
+
+
+class OpenVinoModel(OnnxModel):
+    """The same interface on OpenVINO's CPU plugin with an inference precision hint: how the
+    bf16 precision (the fp32 graph computed in bfloat16) is checked and its NLL measured."""
+
+    TYPES = {"f32": "tensor(float)", "f16": "tensor(float16)"}
+
+    def __init__(self, encoder: Path, convertor: Path, hint: str = "bf16", threads: int | None = None):
+        import openvino as ov
+
+        from vce_deploy.cpu import this_cpu
+
+        if hint == "bf16" and not this_cpu().native_bf16:
+            raise RuntimeError(f"bf16 needs native bfloat16 (amx_bf16 or avx512_bf16); this CPU is "
+                               f"{this_cpu().describe()}")
+        core = ov.Core()
+        config = {"INFERENCE_PRECISION_HINT": hint, **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+        self.paths = {"encoder": Path(encoder), "convertor": Path(convertor)}
+        self.compiled = {role: core.compile_model(core.read_model(str(path)), "CPU", config)
+                         for role, path in self.paths.items()}
+        self.requests = {role: compiled.create_infer_request() for role, compiled in self.compiled.items()}
+        self.ran_by = f"openvino {ov.__version__.split('-')[0]} CPU, INFERENCE_PRECISION_HINT {hint}"
+
+    def io(self, role: str) -> tuple[list, list]:
+        def ports(items):
+            return [(p.get_any_name(), tuple(d.get_length() if d.is_static else "batch" for d in p.get_partial_shape()),
+                     self.TYPES.get(p.get_element_type().get_type_name(), p.get_element_type().get_type_name()))
+                    for p in items]
+        return ports(self.compiled[role].inputs), ports(self.compiled[role].outputs)
+
+    def run(self, role: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.requests[role].infer(feeds)
+        return {port.get_any_name(): np.array(value) for port, value in results.items()}
+
+
+def base_precision(variant: str) -> str:
+    """A file variant ("int8-cpu", "int8-tensorrt", "bf16") -> its precision's tolerance key."""
+    return variant.split("-")[0]
+
+
+# variant -> the runner that checks it (ONNX Runtime unless the precision needs another engine)
+RUNNERS = {"bf16": OpenVinoModel}
 
 
 def parity_cases(images: np.ndarray, batches, latent_dim: int, seed: int = 0) -> dict[int, dict[str, dict]]:
@@ -250,19 +294,19 @@ NOTES = {"fp16": fp16_cast_note}
 
 def check_precision(reference, precision: str, encoder: Path, convertor: Path, cases: dict,
                     image_size: int, latent_dim: int, required: bool = True) -> tuple[PrecisionReport, OnnxModel | None]:
-    """Run one precision against the reference on every case. `required=False` turns a graph
-    that ONNX Runtime cannot load into a "not run here" report instead of a mismatch."""
-    tolerance = TOLERANCES[precision]
+    """Run one precision variant against the reference on every case. `required=False` turns a
+    graph that its runner cannot load here into a "not run here" report instead of a mismatch."""
+    tolerance = TOLERANCES[base_precision(precision)]
+    runner = RUNNERS.get(precision, OnnxModel)
     try:
-        model = OnnxModel(encoder, convertor)
-    except Exception as err:  # ORT's own exception types (NotImplemented, Fail, InvalidGraph)
-        reason = f"onnxruntime cannot run it on this machine's providers: {str(err).splitlines()[0]}"
+        model = runner(encoder, convertor)
+    except Exception as err:  # ORT's / OpenVINO's own exception types (NotImplemented, Fail, ImportError)
+        reason = f"{runner.__name__} cannot run it on this machine: {str(err).splitlines()[0]}"
         report = PrecisionReport(precision, tolerance, ran=False, ran_by=reason)
         if required:
             report.mismatches.append(Mismatch("load", precision, "encoder+convertor", reason))
         return report, None
-    report = PrecisionReport(precision, tolerance, ran=True,
-                             ran_by=f"onnxruntime {model.ort_version} {model.providers}")
+    report = PrecisionReport(precision, tolerance, ran=True, ran_by=model.ran_by)
     if precision in NOTES:
         report.note = NOTES[precision](convertor)
     for role in IO_NAMES:
@@ -294,18 +338,18 @@ def check_precision(reference, precision: str, encoder: Path, convertor: Path, c
 
 def run_parity(reference, files: dict[str, tuple[Path, Path]], images: np.ndarray, image_size: int,
                latent_dim: int, batches=DEFAULT_BATCHES, seed: int = 0) -> tuple[ParityReport, dict[str, OnnxModel]]:
-    """files: precision -> (encoder.onnx, convertor.onnx). fp16 may be "not run here" (no fp16
-    provider); fp32 and int8 must run. Returns the report (not raised) and the runners."""
+    """files: precision variant -> (encoder.onnx, convertor.onnx). fp16 and bf16 may be "not run
+    here" (no fp16 provider, no native bf16); fp32 and both int8 forms must run. Returns the report (not raised) and the runners."""
     cases = parity_cases(images, batches, latent_dim, seed)
     report, runners = ParityReport(), {}
     for precision, (encoder, convertor) in files.items():
         result, model = check_precision(reference, precision, encoder, convertor, cases, image_size, latent_dim,
-                                        required=TOLERANCES[precision].must_run)
+                                        required=TOLERANCES[base_precision(precision)].must_run)
         report.precisions[precision] = result
         if model is not None:
             runners[precision] = model
     return report, runners
 
 
-__all__ = ["BATCH", "DEFAULT_BATCHES", "Mismatch", "OnnxModel", "ParityError", "ParityReport", "PrecisionReport",
+__all__ = ["BATCH", "DEFAULT_BATCHES", "Mismatch", "OnnxModel", "OpenVinoModel", "base_precision", "ParityError", "ParityReport", "PrecisionReport",
            "TOLERANCES", "Tolerance", "TorchReference", "check_precision", "parity_cases", "run_parity"]

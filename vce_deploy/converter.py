@@ -210,7 +210,10 @@ class Converter:
         conditions = preprocess_batch(images, "images")  # (B, 1, 28, 28)
         self._check_output("convert", conditions.shape[0], n)
         stream = self._backend.latent_stream(seed)
-        return self._convert(conditions, n, stream, temperature)
+        try:
+            return self._convert(conditions, n, stream, temperature)
+        finally:
+            getattr(stream, "release", lambda: None)()  # a host stream's generator is reused
 
     def _check_output(self, method: str, glyphs: int, n: int) -> None:
         """Refuse a call whose one returned array would pass max_output_bytes."""

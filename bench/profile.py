@@ -1,0 +1,37 @@
+"""Where Converter.convert's time goes at batch 1, beside the bare engine call, each step
+timed alone in interleaved rounds (the batch-1 path: docs/cpu_inference.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vce_deploy import Converter, preprocess_batch
+from vce_deploy.backends import LatentStream
+
+from .peers import SEED
+from .run import engine_inputs
+from .timing import interleave, warm_up
+
+
+def batch1_steps(bundle: Path, threads: int, image: Any, seconds: float = 2.0, rounds: int = 8) -> str:
+    conv = Converter.load(bundle, precision="auto", threads=threads)
+    engine, latent = conv.engine, conv.latent_dim
+    glyph = preprocess_batch(image)[0, 0]  # (28, 28) float32 {0, 1}: what an app holding arrays passes
+    z, q = engine_inputs(image, 1, latent)
+    steps = {
+        "engine.run (bare)": lambda: engine.run("convertor", {"z": z, "q": q}),
+        "Converter.convert(PNG bytes, n=1)": lambda: conv.convert(image, n=1, seed=SEED),
+        "Converter.convert(28x28 float32 array, n=1)": lambda: conv.convert(glyph, n=1, seed=SEED),
+        "preprocess_batch(PNG bytes)": lambda: preprocess_batch(image),
+        "preprocess_batch(28x28 array)": lambda: preprocess_batch(glyph),
+        "LatentStream(seed).draw(1, 56)": lambda: LatentStream(SEED).draw(1, latent, 1.0),
+    }
+    for fn in steps.values():
+        warm_up(fn, 0.2)
+    cells = interleave(steps, 1, seconds, rounds, min_calls=20)
+    lines = ["", f"Batch 1 step by step ({conv.backend.name} {conv.precision}, median of every call, ms):", "",
+             "| step | p50 ms |", "|---|---|"]
+    lines += [f"| {name} | {np.median(cell.times_ns) / 1e6:.3f} |" for name, cell in cells.items()]
+    return "\n".join(lines) + "\n"
