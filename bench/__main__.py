@@ -33,7 +33,8 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per contender and batch")
     parser.add_argument("--threads", type=int, default=None, help="threads per contender (default: physical cores)")
     parser.add_argument("--json", default=None, metavar="FILE", help="write machine, records and targets as JSON")
-    parser.add_argument("--profile", action="store_true", help="also break Converter.convert at batch 1 into steps")
+    parser.add_argument("--profile", action="store_true", help="also break Converter.convert at batch 1 into steps, and time one "
+                        "Converter shared by threads (pool of infer requests against a lock)")
     args = parser.parse_args(argv)
     if min(args.batch_sizes) < 1 or args.seconds <= 0 or args.rounds < 1 or args.warmup < 0 or \
             (args.threads is not None and args.threads < 1):
@@ -51,7 +52,15 @@ def main(argv=None) -> int:
     threads = args.threads or physical_cores()
     import torch
 
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)  # process-wide: every PyTorch peer and the peak share it
+    try:
+        return _run(args, bundle, threads, argv)
+    finally:
+        torch.set_num_threads(before)  # a caller's process (a test session) is left as it was
+
+
+def _run(args, bundle: Bundle, threads: int, argv) -> int:
     info = machine.machine_info(threads)
     peak = machine.measure_peak(threads)["peak_gflops"]
     image, image_note = run.condition_image()
@@ -66,9 +75,10 @@ def main(argv=None) -> int:
             "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:])}
     text = report.markdown(rows, info, meta, goals)
     if args.profile:
-        from .profile import batch1_steps
+        from .profile import batch1_steps, shared_converter
 
         text += batch1_steps(bundle.path, threads, image)
+        text += shared_converter(bundle.path, threads, image)
     sys.stdout.write(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "meta": meta, "records": rows, "targets": goals},

@@ -35,3 +35,36 @@ def batch1_steps(bundle: Path, threads: int, image: Any, seconds: float = 2.0, r
              "| step | p50 ms |", "|---|---|"]
     lines += [f"| {name} | {np.median(cell.times_ns) / 1e6:.3f} |" for name, cell in cells.items()]
     return "\n".join(lines) + "\n"
+
+
+def shared_converter(bundle: Path, threads: int, image: Any, callers: int = 4, calls: int = 200, batch: int = 1,
+                     rounds: int = 4) -> str:
+    """One Converter shared by `callers` threads: the backend's pool of infer requests (calls run
+    side by side) against one lock around the engine (calls run one at a time), in rounds."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    conv = Converter.load(bundle, precision="auto", threads=threads)
+    engine, lock = conv.engine, threading.Lock()
+    pooled_run = engine.run
+
+    def locked_run(model, inputs):
+        with lock:
+            return pooled_run(model, inputs)
+
+    rates: dict[str, list[float]] = {"pool of infer requests": [], "one lock around the engine": []}
+    with ThreadPoolExecutor(callers) as workers:
+        for _ in range(rounds):
+            for name, run in (("pool of infer requests", pooled_run), ("one lock around the engine", locked_run)):
+                engine.run = run  # instance attribute: only this benchmark's Converter sees it
+                list(workers.map(lambda s: conv.convert(image, n=batch, seed=s), range(callers)))  # warm
+                start = time.perf_counter()
+                list(workers.map(lambda s: conv.convert(image, n=batch, seed=s), range(calls)))
+                rates[name].append(calls * batch / (time.perf_counter() - start))
+    engine.run = pooled_run
+    lines = ["", f"One Converter ({conv.backend.name} {conv.precision}) shared by {callers} threads, batch {batch}, "
+             f"{calls} calls per round, {rounds} rounds (images/s, median and range):", "",
+             "| engine access | images/s | range |", "|---|---|---|"]
+    lines += [f"| {name} | {np.median(r):.0f} | {min(r):.0f}-{max(r):.0f} |" for name, r in rates.items()]
+    return "\n".join(lines) + "\n"

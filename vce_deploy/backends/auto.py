@@ -93,7 +93,7 @@ def choose(backends: dict[str, type[Backend]], bundle: Bundle, backend: str, pre
             details = [*notes, *skipped]
             return cls, run_precision, why + (f" ({'; '.join(details)})" if details else "") + \
                 (f" on {this_cpu().describe()}" if not cls.resolve_device(device).startswith("cuda") else "")
-        skipped.append(f"{name} {run_precision} skipped: {problem}")
+        skipped.append(f"{name} skipped at {run_precision}: {problem}")
     if problem is None:
         raise BackendError(f"no backend runs precision {precision!r} on device {device!r}")
     raise BackendError("auto found nothing usable: " + "; ".join(skipped))
