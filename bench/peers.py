@@ -31,9 +31,10 @@ class Peer:
     reason: str | None = None  # why it does not run here
 
 
-def runtime_peer(peer_id: str, backend: str, precision: str, consumer: str = "cpu") -> Callable:
+def runtime_peer(peer_id: str, backend: str, precision: str, consumer: str = "cpu", options=None) -> Callable:
     def build(bundle: Path, threads: int) -> Peer:
-        conv = Converter.load(bundle, backend=backend, precision=precision, threads=threads, max_batch=256)
+        conv = Converter.load(bundle, backend=backend, precision=precision, threads=threads, max_batch=256,
+                              backend_options=options)
         engine = conv.engine
 
         def bare(z, q):
@@ -116,6 +117,11 @@ PEERS: dict[str, Callable[[Path, int], Peer]] = {
     "openvino-bf16": runtime_peer("openvino-bf16", "openvino", "bf16"),
     "openvino-int8": runtime_peer("openvino-int8", "openvino", "int8"),
     "openvino-fp32": runtime_peer("openvino-fp32", "openvino", "fp32"),
+    # OpenVINO's single-hint forms, beside the default (LATENCY below 16 rows, THROUGHPUT above)
+    "openvino-bf16-latency": runtime_peer("openvino-bf16-latency", "openvino", "bf16",
+                                          options={"performance_hint": "LATENCY"}),
+    "openvino-bf16-throughput": runtime_peer("openvino-bf16-throughput", "openvino", "bf16",
+                                             options={"performance_hint": "THROUGHPUT"}),
     "ort-fp32": runtime_peer("ort-fp32", "onnxruntime", "fp32"),
     "ort-int8-cpu-form": runtime_peer("ort-int8-cpu-form", "onnxruntime", "int8"),
     "ort-int8-tensorrt-form": ort_tensorrt_form_peer,

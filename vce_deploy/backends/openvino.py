@@ -29,8 +29,8 @@ FILE_PRECISION = {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}
 # default compiles twice: a batch of fewer than 2 * MIN_ROWS_PER_STREAM rows runs whole on a
 # LATENCY model (all threads on one request), a larger one is cut into one slice per stream of
 # a THROUGHPUT model (one stream per core, one thread each) and the slices run side by side.
-# Measured here: LATENCY 0.68 ms at batch 1 against 1.27 (THROUGHPUT), THROUGHPUT 1.6x LATENCY
-# at batch 64 (docs/cpu_inference.md).
+# Compare them with `python -m bench --peers openvino-bf16 openvino-bf16-latency
+# openvino-bf16-throughput` (docs/cpu_inference.md).
 PERFORMANCE_HINTS = {"LATENCY_AND_THROUGHPUT": ("LATENCY", "THROUGHPUT"), "LATENCY": ("LATENCY", "LATENCY"),
                      "THROUGHPUT": ("THROUGHPUT", "THROUGHPUT"),
                      "CUMULATIVE_THROUGHPUT": ("CUMULATIVE_THROUGHPUT", "CUMULATIVE_THROUGHPUT")}
