@@ -22,7 +22,7 @@ import numpy as np
 from vce_deploy.bundle import (FORMAT_VERSION, Bundle, FileEntry, Manifest, TensorSpec, atomic_directory,
                                check_replaceable, file_entry, write_manifest)
 
-from vce_deploy.contract import RUN_PRECISIONS
+from vce_deploy.contract import FILE_PRECISION, RUN_PRECISIONS
 
 from .onnx_export import DEFAULT_OPSET, IO_NAMES, io_shapes
 from .parity import DEFAULT_BATCHES, ParityError, ParityReport
@@ -43,7 +43,6 @@ CONSUMER_SUFFIX = {"any": "", "tensorrt": "", "cpu": ".cpu"}  # encoder.int8.onn
 # on OpenVINO (contract.RUN_PRECISIONS)
 VARIANTS = {"fp32": (("fp32", "any"),), "fp16": (("fp16", "any"),), "bf16": (("bf16", "any"),),
             "int8": (("int8-tensorrt", "tensorrt"), ("int8-cpu", "cpu"))}
-FILE_PRECISION = {"bf16": "fp32"}
 LATENT_LAYOUT = "(H, 2): z[2r] and z[2r+1] belong to image row r"
 PREPROCESSING = {
     "steps": ["grayscale", "invert unless the border mean is dark (strokes become 1)",
@@ -54,7 +53,7 @@ PREPROCESSING = {
 
 def model_file(role: str, precision: str, consumer: str = "any") -> str:
     """encoder.onnx, convertor.fp16.onnx, encoder.int8.onnx (TensorRT form), encoder.int8.cpu.onnx, ..."""
-    precision = FILE_PRECISION.get(precision, precision)
+    precision = FILE_PRECISION[precision]
     return f"{role}{SUFFIX[precision]}{CONSUMER_SUFFIX[consumer]}.onnx"
 
 
@@ -222,7 +221,7 @@ def _entries(stage: Path, precisions, size: int, latent: int) -> dict[str, FileE
         "checkpoint.json": file_entry(stage, "checkpoint.json", role="checkpoint-meta", format="json"),
     }
     for precision in precisions:
-        if precision in FILE_PRECISION:  # bf16: no file of its own
+        if FILE_PRECISION[precision] != precision:  # bf16: no file of its own
             continue
         for _, consumer in VARIANTS[precision]:
             for role, (inputs, outputs) in IO_NAMES.items():

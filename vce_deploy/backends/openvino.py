@@ -18,13 +18,13 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..contract import FILE_PRECISION
 from ..cpu import BF16_FLAGS, this_cpu
 from ..errors import BackendError, BundleError, InputError
 from .base import MODELS, Backend, check_entry_io, compare_io, physical_cores
 
 PRECISIONS = ("fp32", "bf16", "int8")
 HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # INFERENCE_PRECISION_HINT per precision
-FILE_PRECISION = {"fp32": "fp32", "bf16": "fp32", "int8": "int8"}
 # performance_hint -> the OpenVINO PERFORMANCE_HINT each batch size class is compiled with. The
 # default compiles twice: a batch of fewer than 2 * MIN_ROWS_PER_STREAM rows runs whole on a
 # LATENCY model (all threads on one request), a larger one is cut into one slice per stream of
