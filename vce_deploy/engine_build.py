@@ -163,7 +163,8 @@ def build_engines(bundle_path, precision: str, min_batch: int = 1, opt_batch: in
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     bundle = Bundle.load(bundle_path, verify=True)
-    entries = {role: bundle.model_entry(role, precision, "onnx") for role in MODELS}
+    # int8: the symmetric QDQ form, the only one TensorRT's explicit quantization takes
+    entries = {role: bundle.model_entry(role, precision, "onnx", ("tensorrt", "any")) for role in MODELS}
     target = load_target(device)
     from .backends import cuda
 
