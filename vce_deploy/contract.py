@@ -43,6 +43,7 @@ FILE_PRECISION: dict[str, str] = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp16"
 # TensorRT's explicit quantization takes, and uint8 asymmetric activations with per-channel int8
 # weights, the form ONNX Runtime's and OpenVINO's x86 int8 kernels run fast. "any": every backend.
 CONSUMERS: tuple[str, ...] = ("any", "tensorrt", "cpu")
+TENSORRT_FORMS = ("tensorrt", "any")  # the ONNX files TensorRT builds engines from, in order
 
 
 def tensor_shapes(image_size: int, latent_dim: int) -> dict[str, tuple[int, ...]]:
