@@ -95,12 +95,9 @@ def environment(device: str) -> dict:
         import onnxruntime
 
         info["onnxruntime_providers"] = onnxruntime.get_available_providers()
-    try:
-        from bench.latency import machine_info
+    from vce_deploy.cpu import this_cpu
 
-        info["cpu"] = machine_info(0)["cpu"]
-    except Exception as err:  # noqa: BLE001 - informational only
-        info["cpu"] = f"unknown ({err})"
+    info["cpu"] = this_cpu().describe()  # model and the flags that decide reduced-precision speed
     return info
 
 

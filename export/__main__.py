@@ -1,4 +1,4 @@
-"""python -m export CHECKPOINT --out BUNDLE [--precision fp32 fp16 int8] [--opset N]
+"""python -m export CHECKPOINT --out BUNDLE [--precision fp32 fp16 bf16 int8] [--opset N]
 
 Exit 0 with a verified bundle, or exit 1 with the reason (every parity mismatch listed) and
 BUNDLE exactly as it was before.
@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vce_deploy.contract import PRECISIONS
+from vce_deploy.contract import RUN_PRECISIONS
 from vce_deploy.errors import VCEError
 from vce_deploy.verify import DEFAULT_BATCHES, ParityError
 
@@ -33,7 +33,9 @@ def main(argv=None) -> int:
                                                  "report, NLL per precision, manifest with sha256 of every file.")
     parser.add_argument("checkpoint", help="checkpoint .safetensors (its .json sidecar next to it)")
     parser.add_argument("--out", required=True, help="bundle directory (replaced whole, only on success)")
-    parser.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    parser.add_argument("--precision", nargs="+", default=["fp32", "fp16", "bf16", "int8"], choices=RUN_PRECISIONS,
+                        help="bf16: no file, the fp32 graph checked and its NLL measured on OpenVINO in bfloat16 "
+                             "(needs a CPU with native bf16); int8: both forms, TensorRT's and the CPU's")
     parser.add_argument("--opset", type=_positive, default=DEFAULT_OPSET,
                         help=f"ONNX opset (default {DEFAULT_OPSET}, the dynamo exporter's own)")
     parser.add_argument("--batches", type=_positive, nargs="+", default=list(DEFAULT_BATCHES), help="parity batch sizes")

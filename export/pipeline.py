@@ -17,7 +17,7 @@ import numpy as np
 
 from vce_deploy.bundle import FORMAT_VERSION, Bundle, FileEntry, Manifest, TensorSpec, file_entry, write_manifest
 from vce_deploy.bundle_swap import atomic_directory, check_replaceable
-from vce_deploy.contract import IO_DTYPE, MODEL_IO, MODELS, PRECISIONS, batched_shapes
+from vce_deploy.contract import FILE_PRECISION, IO_DTYPE, MODEL_IO, MODELS, RUN_PRECISIONS, batched_shapes
 from vce_deploy.verify import DEFAULT_BATCHES
 
 from .onnx_export import DEFAULT_OPSET
@@ -29,6 +29,13 @@ from .onnx_export import DEFAULT_OPSET
 NLL_SUBSET = 64
 NLL_K = 100
 CALIBRATION_PAIRS_PER_CHARACTER = 4  # 136 training characters -> 544 real (x, q) pairs
+SUFFIX = {"fp32": "", "fp16": ".fp16", "int8": ".int8"}
+CONSUMER_SUFFIX = {"any": "", "tensorrt": "", "cpu": ".cpu"}  # encoder.int8.onnx (TensorRT), encoder.int8.cpu.onnx
+# precision -> the file variants it exports: (variant name in the manifest metrics, consumer).
+# bf16 has no file of its own: it is the fp32 graph computed in bfloat16, checked and measured
+# on OpenVINO (contract.RUN_PRECISIONS)
+VARIANTS = {"fp32": (("fp32", "any"),), "fp16": (("fp16", "any"),), "bf16": (("bf16", "any"),),
+            "int8": (("int8-tensorrt", "tensorrt"), ("int8-cpu", "cpu"))}
 LATENT_LAYOUT = "(H, 2): z[2r] and z[2r+1] belong to image row r"
 PREPROCESSING = {
     "steps": ["grayscale", "invert unless the border mean is dark (strokes become 1)",
@@ -37,16 +44,17 @@ PREPROCESSING = {
 }
 
 
-def model_file(role: str, precision: str) -> str:
-    """encoder.onnx, convertor.fp16.onnx, encoder.int8.onnx, ..."""
-    return f"{role}.onnx" if precision == "fp32" else f"{role}.{precision}.onnx"
+def model_file(role: str, precision: str, consumer: str = "any") -> str:
+    """encoder.onnx, convertor.fp16.onnx, encoder.int8.onnx (TensorRT form), encoder.int8.cpu.onnx, ..."""
+    precision = FILE_PRECISION[precision]
+    return f"{role}{SUFFIX[precision]}{CONSUMER_SUFFIX[consumer]}.onnx"
 
 
 def _check_precisions(precisions) -> tuple[str, ...]:
     chosen = tuple(dict.fromkeys(precisions))
-    unknown = [p for p in chosen if p not in PRECISIONS]
+    unknown = [p for p in chosen if p not in RUN_PRECISIONS]
     if unknown:
-        raise ValueError(f"precisions: expected a subset of {list(PRECISIONS)}, got unknown {unknown}")
+        raise ValueError(f"precisions: expected a subset of {list(RUN_PRECISIONS)}, got unknown {unknown}")
     if "fp32" not in chosen:
         raise ValueError(f"precisions: expected fp32 among {list(chosen)}: it is the parity reference and the "
                          "source the fp16 and int8 graphs are made from")
@@ -79,7 +87,7 @@ def _calibration_pairs(train, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return (np.ascontiguousarray(train.images[c, i][order, None]), np.ascontiguousarray(train.images[c, j][order, None]))
 
 
-def _nll_metrics(stage: Path, precisions, test, subset: int, k: int, seed: int, log, split: str) -> dict:
+def _nll_metrics(stage: Path, runs, test, subset: int, k: int, seed: int, log, split: str) -> dict:
     from vce_deploy.converter import Converter
     from vce_deploy.nll import one_shot_nll
     from vce_deploy.omniglot import nll_targets
@@ -89,27 +97,46 @@ def _nll_metrics(stage: Path, precisions, test, subset: int, k: int, seed: int, 
     picks = np.unique(np.linspace(0, len(x) - 1, min(subset, len(x))).round().astype(int))  # every test alphabet
     x, q = x[picks], q[picks]
     results: dict = {}
-    for precision in precisions:
+    for variant, (backend, precision, options) in runs.items():
         t0 = time.perf_counter()
-        with Converter.load(stage, backend="onnxruntime", precision=precision, device="cpu") as converter:
+        with Converter.load(stage, backend=backend, precision=precision, device="cpu",
+                            backend_options=options) as converter:
             r = one_shot_nll(converter, x, q, k=k, seed=seed)
-        results[precision] = {key: r[key] for key in ("nll_mean", "nll_sem", "elbo_mean", "elbo_sem")}
-        results[precision]["seconds"] = round(time.perf_counter() - t0, 2)
-        results[precision]["per_target"] = np.asarray(r["nll_per_target"])
-        log(f"nll {precision}: {r['nll_mean']:.3f} ± {r['nll_sem']:.3f} nats (K={k}, {len(x)} targets, "
-            f"{results[precision]['seconds']:.1f} s, onnxruntime CPU)")
+        results[variant] = {key: r[key] for key in ("nll_mean", "nll_sem", "elbo_mean", "elbo_sem")}
+        results[variant]["seconds"] = round(time.perf_counter() - t0, 2)
+        results[variant]["runner"] = converter.backend_info.detail
+        results[variant]["per_target"] = np.asarray(r["nll_per_target"])
+        log(f"nll {variant}: {r['nll_mean']:.3f} ± {r['nll_sem']:.3f} nats (K={k}, {len(x)} targets, "
+            f"{results[variant]['seconds']:.1f} s, {backend} CPU)")
     reference = results.get("fp32", {}).get("per_target")
-    for precision, r in results.items():
+    for variant, r in results.items():
         per_target = r.pop("per_target")
-        if precision != "fp32" and reference is not None:
+        if variant != "fp32" and reference is not None:
             cost = per_target - reference  # paired: the same targets and the same noise
             r["cost_vs_fp32"] = float(cost.mean())
             r["cost_vs_fp32_sem"] = float(cost.std(ddof=1) / np.sqrt(len(cost))) if len(cost) > 1 else 0.0
-            log(f"nll {precision} - fp32: {r['cost_vs_fp32']:+.4f} ± {r['cost_vs_fp32_sem']:.4f} nats (paired)")
+            log(f"nll {variant} - fp32: {r['cost_vs_fp32']:+.4f} ± {r['cost_vs_fp32_sem']:.4f} nats (paired)")
     return {"protocol": {"k": k, "targets": int(len(x)), "of": protocol_targets, "split": split, "seed": seed,
                          "subset": "evenly spaced over the protocol targets (docs/design.md)",
-                         "runner": "onnxruntime CPUExecutionProvider"},
+                         "cost_vs_fp32": "mean over targets of NLL(variant) - NLL(fp32), same targets and "
+                                         "importance-sampling noise (paired), with its standard error",
+                         "runner": "per variant (pipeline.VARIANTS): its 'runner'"},
             **results}
+
+
+def _nll_runs(report) -> dict[str, tuple[str, str, dict | None]]:
+    """variant -> (backend, precision, backend_options) for every variant parity ran on the CPU:
+    ONNX Runtime where it runs the precision (each int8 form by name), else OpenVINO (bf16)."""
+    ran = {(c.backend, c.precision) for c in report.checks if c.ran}
+    runs = {}
+    for precision, variants in VARIANTS.items():
+        for variant, consumer in variants:
+            if ("onnxruntime", precision) in ran:
+                options = {"int8_form": consumer} if precision == "int8" else None
+                runs[variant] = ("onnxruntime", precision, options)
+            elif ("openvino", precision) in ran:
+                runs[variant] = ("openvino", precision, None)
+    return runs
 
 
 def _versions(opset: int) -> dict:
@@ -169,13 +196,16 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
         if "int8" in precisions:
             x, q = _calibration_pairs(load_split(split, "train", data_dir), seed=0)
             feeds = calibration_batches(reference, x, q)
-            for role in MODELS:
-                to_int8(stage / model_file(role, "fp32"), stage / model_file(role, "int8"), role, feeds[role],
-                        size, latent, opset)
+            for _, consumer in VARIANTS["int8"]:
+                for role in MODELS:
+                    to_int8(stage / model_file(role, "fp32"), stage / model_file(role, "int8", consumer), role,
+                            feeds[role], size, latent, opset, consumer)
             exporter["int8_calibration"] = {
                 "pairs": int(len(x)), "source": "training alphabets, real (x, q) pairs",
                 "convertor_latents": "half z ~ q(z|x,q) from the fp32 encoder, half z ~ N(0, I)",
-                "method": "MinMax", "format": "QDQ, symmetric int8 activations, per-channel symmetric int8 weights",
+                "method": "MinMax", "weights": "per-channel symmetric int8",
+                "forms": {"tensorrt": "QDQ, symmetric int8 activations (zero point 0)",
+                          "cpu": "QDQ, asymmetric uint8 activations (ONNX Runtime x86 U8S8, OpenVINO)"},
                 "quantized_ops": ["Conv"], "float_ops": ["the stem Conv reading the inputs"]}
         entries = _entries(stage, precisions, size, latent)
         entries[GOLDEN_FILE] = write_golden(stage, reference, test.images, latent)  # export/golden.py
@@ -193,8 +223,7 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
         report.raise_if_failed()  # before anything is renamed into place
         metrics = dict(manifest.metrics, parity=report.to_dict())
         if measure_nll:
-            ran = [c.precision for c in report.checks if c.ran and c.backend == "onnxruntime"]
-            metrics["nll"] = _nll_metrics(stage, ran, test, nll_subset, nll_k, nll_seed, log, split)
+            metrics["nll"] = _nll_metrics(stage, _nll_runs(report), test, nll_subset, nll_k, nll_seed, log, split)
         write_manifest(stage, dataclasses.replace(manifest, metrics=metrics))
         Bundle.load(stage, verify=True)  # the bundle reads back and every hash matches
         check_golden(stage, log)  # and passes the runtime's own check, the one `vce verify` runs
@@ -208,11 +237,14 @@ def _entries(stage: Path, precisions, size: int, latent: int) -> dict[str, FileE
         "checkpoint.json": file_entry(stage, "checkpoint.json", role="checkpoint-meta", format="json"),
     }
     for precision in precisions:
-        for role, io in MODEL_IO.items():
-            shapes = batched_shapes(role, size, latent)
-            rel = model_file(role, precision)
-            entries[rel] = file_entry(
-                stage, rel, role=role, format="onnx", precision=precision,
-                inputs=tuple(TensorSpec(n, shapes[n], IO_DTYPE) for n in io.inputs),
-                outputs=tuple(TensorSpec(n, shapes[n], IO_DTYPE) for n in io.outputs))
+        if FILE_PRECISION[precision] != precision:  # bf16: no file of its own
+            continue
+        for _, consumer in VARIANTS[precision]:
+            for role, io in MODEL_IO.items():
+                shapes = batched_shapes(role, size, latent)
+                rel = model_file(role, precision, consumer)
+                entries[rel] = file_entry(
+                    stage, rel, role=role, format="onnx", precision=precision, consumer=consumer,
+                    inputs=tuple(TensorSpec(n, shapes[n], IO_DTYPE) for n in io.inputs),
+                    outputs=tuple(TensorSpec(n, shapes[n], IO_DTYPE) for n in io.outputs))
     return entries

@@ -3,10 +3,13 @@
 TensorRT 10/11 builds strongly typed networks: precision lives in the ONNX file.
 - fp16: every weight and activation in float16, inputs and outputs kept float32, so callers
   never change (ONNX Runtime's transformers float16 converter, keep_io_types=True).
-- int8: QDQ (QuantizeLinear/DequantizeLinear pairs around each Conv), symmetric int8
-  activations and per-channel symmetric int8 weights, zero points 0, float biases: the form both ONNX
-  Runtime's CPU provider and TensorRT's explicit quantization consume. Ranges come from
-  real training images (see `calibration_batches`), never from random noise.
+- int8: QDQ (QuantizeLinear/DequantizeLinear pairs around each Conv), per-channel symmetric
+  int8 weights, float biases, in two forms, one per consumer (contract.CONSUMERS):
+  "tensorrt": symmetric int8 activations, zero points 0, the only form TensorRT's explicit
+  quantization takes; "cpu": asymmetric uint8 activations, the form ONNX Runtime's x86 U8S8
+  kernels and OpenVINO run fast (bench/int8_formats.py: 2.3x fp32 against 0.6x for the
+  symmetric form on a VNNI Xeon). Ranges come from real training images (see
+  `calibration_batches`), never from random noise.
 """
 from __future__ import annotations
 
@@ -119,13 +122,18 @@ def calibration_batches(encoder, x: np.ndarray, q: np.ndarray, batch: int = 64, 
     return feeds
 
 
+# consumer -> (activation type, activations symmetric); weights are symmetric int8 in both
+INT8_FORMS = {"tensorrt": ("QInt8", True), "cpu": ("QUInt8", False)}
+
+
 def to_int8(src: Path, dst: Path, role: str, feeds: list[dict[str, np.ndarray]], image_size: int,
-            latent_dim: int, opset: int) -> onnx.ModelProto:
+            latent_dim: int, opset: int, consumer: str = "tensorrt") -> onnx.ModelProto:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if not feeds:
         raise ValueError(f"{role}: expected calibration batches of real images, got none")
+    activation, symmetric = INT8_FORMS[consumer]
     with tempfile.TemporaryDirectory(prefix="vce-quant-") as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         # folds constants and fixes shapes so the quantizer sees every Conv with known shapes
@@ -134,21 +142,23 @@ def to_int8(src: Path, dst: Path, role: str, feeds: list[dict[str, np.ndarray]],
         quantize_static(
             str(prepared), str(dst), _Reader(feeds), quant_format=QuantFormat.QDQ,
             op_types_to_quantize=INT8_OP_TYPES, per_channel=True, reduce_range=False,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            activation_type=getattr(QuantType, activation), weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=[stem],
             # biases stay float: TensorRT's explicit quantization folds them itself and its parser
             # takes int8 (not int32) into DequantizeLinear; ONNX Runtime accepts both
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
+            extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False},
         )
     model = check_graph(onnx.load(str(dst)), role, image_size, latent_dim, opset)
-    check_qdq(model, role, float_convs={stem})
+    check_qdq(model, role, float_convs={stem}, consumer=consumer)
     onnx.save(model, str(dst))
     return model
 
 
-def check_qdq(model: onnx.ModelProto, role: str, float_convs: set[str] = frozenset()) -> None:
-    """Every Conv but `float_convs` reads dequantized int8 data and weights; every zero point
-    is 0 (symmetric)."""
+def check_qdq(model: onnx.ModelProto, role: str, float_convs: set[str] = frozenset(),
+              consumer: str = "tensorrt") -> None:
+    """Every Conv but `float_convs` reads dequantized int8 data and weights. "tensorrt": every
+    zero point is int8 0 (symmetric); "cpu": activations are uint8 (any zero point), weights
+    int8 with zero point 0."""
     producers = {out: node for node in model.graph.node for out in node.output}
     consts = {t.name: t for t in model.graph.initializer}
     problems = []
@@ -163,8 +173,11 @@ def check_qdq(model: onnx.ModelProto, role: str, float_convs: set[str] = frozens
             zero = consts.get(node.input[2])
             if zero is not None:
                 values = onnx.numpy_helper.to_array(zero)
-                if values.dtype != np.int8 or np.any(values != 0):
-                    problems.append(f"{node.op_type} {node.name}: expected int8 zero point 0, got {values.dtype} "
+                uint8_activation = consumer == "cpu" and values.dtype == np.uint8
+                if not uint8_activation and (values.dtype != np.int8 or np.any(values != 0)):
+                    problems.append(f"{node.op_type} {node.name}: expected int8 zero point 0"
+                                    f"{' (or uint8 activations)' if consumer == 'cpu' else ''}, got {values.dtype} "
                                     f"{values.ravel()[:4]}")
     if problems:
-        raise ValueError(f"{role} int8 graph is not symmetric QDQ on every Conv:\n  " + "\n  ".join(problems))
+        raise ValueError(f"{role} int8 graph ({consumer} form) is not the expected QDQ on every Conv:\n  "
+                         + "\n  ".join(problems))

@@ -29,11 +29,12 @@ def smoke_checkpoint(smoke_run) -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_bundle(smoke_checkpoint, tmp_path_factory) -> Path:
-    """The smoke checkpoint exported to a full bundle (fp32, fp16, int8)."""
+    """The smoke checkpoint exported to a full bundle (fp32, fp16, bf16 where the CPU has it, and
+    int8 in both forms)."""
     from export import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "smoke"
-    export_bundle(smoke_checkpoint, out, precisions=("fp32", "fp16", "int8"), split="small")
+    export_bundle(smoke_checkpoint, out, precisions=("fp32", "fp16", "bf16", "int8"), split="small")
     return out
 
 

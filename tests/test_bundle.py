@@ -32,7 +32,8 @@ def edit_manifest(root: Path, change) -> None:
 
 def test_intact_bundle_loads(bundle):
     loaded = Bundle.load(bundle)
-    assert loaded.model_entry("convertor", "int8").path == "convertor.int8.onnx"
+    assert loaded.model_entry("convertor", "int8", "onnx", ("tensorrt",)).path == "convertor.int8.onnx"
+    assert loaded.model_entry("convertor", "int8", "onnx", ("cpu",)).path == "convertor.int8.cpu.onnx"
     assert loaded.checkpoint == (bundle / "checkpoint.safetensors").resolve()
 
 

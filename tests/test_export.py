@@ -61,18 +61,29 @@ def test_manifest_lists_every_file_and_the_measurements(smoke_bundle):
     m = bundle.manifest
     on_disk = {p for p in tree_digest(smoke_bundle) if p != "manifest.json"}
     assert on_disk == set(m.files), "every file in the bundle, and only those, is in the manifest"
-    for precision in ("fp32", "fp16", "int8"):
+    for precision, consumer in (("fp32", "any"), ("fp16", "any"), ("int8", "tensorrt"), ("int8", "cpu")):
         for role in ("encoder", "convertor"):
-            entry = bundle.model_entry(role, precision)
+            entry = bundle.model_entry(role, precision, "onnx", (consumer,))
+            assert entry.consumer == consumer
             assert all(t.shape[0] == "batch" and t.dtype == "float32" for t in entry.inputs + entry.outputs)
     with safe_open(str(bundle.checkpoint), "np") as f:
         keys = list(f.keys())
     assert keys and all(k.startswith("model.") for k in keys), "optimizer state stripped"
     assert m.exporter["opset"] == 18 and m.latent_dim == 56
+    for variant in ("fp32", "int8-tensorrt", "int8-cpu"):
+        assert np.isfinite(m.metrics["nll"][variant]["nll_mean"])
     for precision in ("fp32", "int8"):
-        assert np.isfinite(m.metrics["nll"][precision]["nll_mean"])
         assert m.metrics["parity"]["onnxruntime"][precision]["ok"] is True
-    assert "cost_vs_fp32" in m.metrics["nll"]["int8"]
+    # TensorRT's int8 form is judged on the CPU too, with the int8 tolerance
+    assert m.metrics["parity"]["onnxruntime-int8-tensorrt-form"]["int8"]["ok"] is True
+    for variant in ("int8-tensorrt", "int8-cpu"):  # paired against fp32, the protocol stated
+        assert np.isfinite(m.metrics["nll"][variant]["cost_vs_fp32"])
+        assert "onnxruntime" in m.metrics["nll"][variant]["runner"]
+    assert {"k", "targets", "cost_vs_fp32"} <= set(m.metrics["nll"]["protocol"])
+    if m.metrics["parity"]["openvino"]["bf16"]["ran"]:  # OpenVINO on a CPU with native bf16: no file, a measured cost
+        assert "openvino" in m.metrics["nll"]["bf16"]["runner"].lower()
+        assert abs(m.metrics["nll"]["bf16"]["cost_vs_fp32"]) < 1.0
+    assert not [e for e in m.files.values() if e.precision == "bf16"], "bf16 runs the fp32 file"
 
 
 def test_int8_stays_close_to_fp32_on_real_images(smoke_bundle, test_images):
@@ -88,6 +99,29 @@ def test_int8_stays_close_to_fp32_on_real_images(smoke_bundle, test_images):
         # int8 steps are 1/127 of a range; a few steps of drift is fine, a broken scale is not
         assert err.mean() <= 0.01 * max(scale, 1.0), (name, err.mean(), scale)
         assert err.max() <= 0.1 * max(scale, 1.0), (name, err.max(), scale)
+
+
+def test_cpu_int8_form_has_uint8_activations_and_symmetric_int8_weights(smoke_bundle):
+    model = onnx.load(str(smoke_bundle / "convertor.int8.cpu.onnx"))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    quantize = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantize, "activations are quantized"
+    activation_zeros = [inits[n.input[2]] for n in quantize if len(n.input) > 2]
+    assert activation_zeros and all(z.dtype == np.uint8 for z in activation_zeros)
+    assert any(z.any() for z in activation_zeros), "asymmetric: some zero point is not 0"
+    weights = [v for v in inits.values() if v.dtype == np.int8 and v.ndim == 4]
+    assert weights, "int8 convolution weights"
+    weight_zeros = [v for k, v in inits.items() if v.dtype == np.int8 and v.ndim == 1 and "zero" in k]
+    assert all(not z.any() for z in weight_zeros), "weights are symmetric"
+
+
+def test_each_backend_picks_its_own_int8_form(smoke_bundle):
+    from vce_deploy import Converter
+
+    bundle = Bundle.load(smoke_bundle)
+    assert bundle.model_entry("convertor", "int8", "onnx", ("tensorrt", "any")).path == "convertor.int8.onnx"
+    conv = Converter.load(smoke_bundle, backend="onnxruntime", precision="int8")
+    assert "convertor.int8.cpu.onnx (consumer cpu)" in conv.backend_info.detail
 
 
 def test_int8_is_symmetric_per_channel_qdq(smoke_bundle):
@@ -146,8 +180,8 @@ def test_failed_parity_exits_nonzero_and_leaves_the_old_bundle(smoke_checkpoint,
 def test_export_refuses_unknown_precision(smoke_checkpoint, tmp_path):
     from export import export_bundle
 
-    with pytest.raises(ValueError, match="bf16"):
-        export_bundle(smoke_checkpoint, tmp_path / "b", precisions=("fp32", "bf16"))
+    with pytest.raises(ValueError, match="unknown \\['fp64'\\]"):
+        export_bundle(smoke_checkpoint, tmp_path / "b", precisions=("fp32", "fp64"))
     assert not (tmp_path / "b").exists()
 
 

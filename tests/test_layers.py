@@ -20,7 +20,7 @@ ALLOWED = {
     "vce_deploy": {"vce_deploy"},
     "train": {"train", "vce_deploy"},
     "export": {"export", "vce_deploy"},
-    "bench": {"bench", "vce_deploy", "export", "train"},
+    "bench": {"bench", "vce_deploy", "export"},  # export: only bench/int8_formats.py, which builds its own QDQ forms
 }
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from .contract import MODELS, PRECISIONS
+from .contract import CONSUMERS, MODELS, PRECISIONS
 from .errors import BundleError
 from .fsio import atomic_write_bytes, sha256_file
 
@@ -94,10 +94,11 @@ class FileEntry:
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
     engine: EngineInfo | None = None
+    consumer: str = "any"  # contract.CONSUMERS: which backends this file's form is for
 
     def to_dict(self) -> dict:
         body: dict[str, Any] = {"sha256": self.sha256, "role": self.role, "format": self.format,
-                                "precision": self.precision}
+                                "precision": self.precision, "consumer": self.consumer}
         if self.inputs or self.outputs:
             body["inputs"] = [t.to_dict() for t in self.inputs]
             body["outputs"] = [t.to_dict() for t in self.outputs]
@@ -161,10 +162,10 @@ class Manifest:
         seen: dict[tuple, str] = {}
         for entry in files.values():
             if entry.role in MODELS:
-                key = (entry.role, entry.format, entry.precision)
+                key = (entry.role, entry.format, entry.precision, entry.consumer)
                 if key in seen:
-                    raise BundleError(f"{where}: expected one {entry.format} {entry.role} at {entry.precision}, "
-                                      f"got two: {seen[key]!r} and {entry.path!r}")
+                    raise BundleError(f"{where}: expected one {entry.format} {entry.role} at {entry.precision} for "
+                                      f"consumer {entry.consumer!r}, got two: {seen[key]!r} and {entry.path!r}")
                 seen[key] = entry.path
         return cls(
             format_version=version, image_size=raw["image_size"], latent_dim=raw["latent_dim"],
@@ -186,6 +187,9 @@ def _parse_entry(path: str, body: Any, where: str) -> FileEntry:
         raise BundleError(f"{here}: expected format in {FORMATS}, got {fmt!r}")
     if precision not in PRECISIONS:
         raise BundleError(f"{here}: expected precision in {PRECISIONS}, got {precision!r}")
+    consumer = body.get("consumer", "any")  # manifests written before int8 had two forms: "any"
+    if consumer not in CONSUMERS:
+        raise BundleError(f"{here}: expected consumer in {CONSUMERS}, got {consumer!r}")
     sha = body.get("sha256")
     if not (isinstance(sha, str) and _HEX64.fullmatch(sha)):
         raise BundleError(f"{here}: expected a 64-hex-digit sha256, got {sha!r}")
@@ -199,7 +203,7 @@ def _parse_entry(path: str, body: Any, where: str) -> FileEntry:
             raise BundleError(f"{here}: expected {kind} as a list of tensor specs, got {listed!r}")
         specs[kind] = tuple(TensorSpec.parse(t, here) for t in listed)
     return FileEntry(path=path, sha256=sha, role=role, format=fmt, precision=precision,
-                     inputs=specs["inputs"], outputs=specs["outputs"], engine=engine)
+                     inputs=specs["inputs"], outputs=specs["outputs"], engine=engine, consumer=consumer)
 
 
 def _parse_engine(raw: Any, here: str) -> EngineInfo:
@@ -322,12 +326,19 @@ class Bundle:
                 if (role is None or e.role == role) and (format is None or e.format == format)
                 and (precision is None or e.precision == precision)]
 
-    def model_entry(self, role: str, precision: str, format: str = "onnx") -> FileEntry:
-        found = self.entries(role, format, precision)
+    def model_entry(self, role: str, precision: str, format: str = "onnx",
+                    consumers: tuple[str, ...] = ("any", "cpu", "tensorrt")) -> FileEntry:
+        """The `role` file at `precision`, in the first form of `consumers` the bundle has: each
+        backend passes its own order (TensorRT wants the symmetric int8 form, CPUs the other)."""
+        found = {e.consumer: e for e in self.entries(role, format, precision)}
         if not found:
             have = sorted({e.precision for e in self.entries(role, format)})
             raise BundleError(f"{self.path}: no {format} {role} at precision {precision!r}; this bundle has {have}")
-        return found[0]
+        for consumer in consumers:
+            if consumer in found:
+                return found[consumer]
+        raise BundleError(f"{self.path}: no {format} {role} at {precision} for consumers {list(consumers)}; this "
+                          f"bundle has it for {sorted(found)}")
 
     @property
     def checkpoint(self) -> Path | None:

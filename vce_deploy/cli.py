@@ -20,7 +20,7 @@ from .metrics import describe_mapping, describe_metrics
 
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKENDS
-    from .contract import PRECISIONS
+    from .contract import RUN_PRECISIONS
 
     parser = argparse.ArgumentParser(prog="vce", description="One-shot glyph conversion with a VCE bundle.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                               f"exist; rows wrap every {WRAP_CELLS} cells")
     convert.add_argument("--bundle", default=None, help="bundle directory (default: the shipped bundle)")
     convert.add_argument("--backend", default="auto", choices=("auto", *BACKENDS))
-    convert.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    convert.add_argument("--precision", default="fp32", choices=("auto", *RUN_PRECISIONS))
     convert.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: the backend's best)")
     convert.add_argument("--max-batch", type=int, default=None, help="rows per engine call")
     convert.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")

@@ -33,6 +33,18 @@ MODELS: tuple[str, ...] = tuple(MODEL_IO)
 # precisions of the bundle's graph files
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 
+# precisions a backend can be asked to run: the file precisions, plus bf16, which is not a file
+# but the fp32 graph computed in bfloat16 by an engine that supports it (OpenVINO's inference
+# precision hint), on CPUs with native bf16 units (docs/cpu_inference.md)
+RUN_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8")
+FILE_PRECISION: dict[str, str] = {"fp32": "fp32", "bf16": "fp32", "fp16": "fp16", "int8": "int8"}
+
+# who a graph file is for. int8 ships in two forms: symmetric QDQ (zero points 0), the only one
+# TensorRT's explicit quantization takes, and uint8 asymmetric activations with per-channel int8
+# weights, the form ONNX Runtime's and OpenVINO's x86 int8 kernels run fast. "any": every backend.
+CONSUMERS: tuple[str, ...] = ("any", "tensorrt", "cpu")
+TENSORRT_FORMS = ("tensorrt", "any")  # the ONNX files TensorRT builds engines from, in order
+
 
 def tensor_shapes(image_size: int, latent_dim: int) -> dict[str, tuple[int, ...]]:
     """Every I/O tensor of both models -> its shape without the batch axis."""

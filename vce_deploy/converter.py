@@ -20,18 +20,31 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .backends import AUTO_ORDER, BACKENDS, Backend, BackendInfo, HostLatentSampler, LatentSampler
+from .backends import BACKENDS, Backend, BackendInfo, HostLatentSampler, LatentSampler, auto
 from .bundle import Bundle
-from .contract import PRECISIONS
+from .contract import RUN_PRECISIONS
 from .errors import BundleError, DependencyError, InputError
 from .grid import WRAP_CELLS, save_grid
 from .inputs import DEFAULT_N, glyph_items, positive_int, preprocess_batch, raw_batch, seed_value, temperature_value
 from .preprocess import IMAGE_SIZE
 
-DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+DEVICE = re.compile(r"cpu|cuda(:\d+)?|GPU(\.\d+)?|NPU")  # GPU / NPU: OpenVINO's names for Intel devices
 # convert() and transfer() return one array; past this many bytes they refuse and point to
 # convert_iter, which holds at most max_batch samples at a time. Per instance: converter.max_output_bytes.
 MAX_OUTPUT_BYTES = 1 << 30
+
+
+def _backend_options(chosen: type[Backend], options: Any) -> dict:
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise InputError(f"backend_options: expected None or a dict, got {type(options).__name__}")
+    for key, value in options.items():
+        if key not in chosen.options:
+            raise InputError(f"backend_options: {chosen.name} takes {sorted(chosen.options)}, got {key!r}")
+        if value not in chosen.options[key]:
+            raise InputError(f"backend_options[{key!r}]: expected one of {list(chosen.options[key])}, got {value!r}")
+    return dict(options)
 
 
 class Converter:
@@ -48,15 +61,22 @@ class Converter:
 
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, backend: str = "auto", precision: str = "fp32",
-             device: str | None = None, max_batch: int | None = None, threads: int | None = None, *,
+             device: str | None = None, max_batch: int | None = None, threads: int | None = None,
+             backend_options: dict | None = None, *,
              allow_unsealed: bool = False, trusted_keys: Any = None, device_built: Any = ()) -> "Converter":
         """Verify the bundle at `path` (None: the shipped default) and load one backend.
 
         backend: "auto" (a TensorRT engine built for this GPU, else ONNX Runtime on its GPU
-        providers, else ONNX Runtime on the CPU), or one of BACKENDS by name.
-        device: None (the backend's best), "cpu", "cuda" or "cuda:N".
+        providers, else the CPU order of backends/auto.py), or one of BACKENDS by name.
+        precision: one of contract.RUN_PRECISIONS (bf16: the fp32 graph computed in bfloat16),
+        or "auto" with backend="auto": the fastest precision this CPU runs natively whose NLL
+        cost in the manifest is at most 0.5 nats (`conv.backend_info.reason` says which and why).
+        device: None (the backend's best), "cpu", "cuda" or "cuda:N" ("GPU", "GPU.N", "NPU":
+        OpenVINO's Intel devices, not run here).
         max_batch: rows per engine call (default: the engine profile's max, or 256).
         threads: intra-op threads (default: physical cores).
+        backend_options: the chosen backend's own settings (its `options`, e.g. openvino's
+        performance_hint).
         allow_unsealed, trusted_keys, device_built: see Bundle.load and docs/signing.md; with
         trusted_keys an unsigned or wrongly signed bundle is refused before anything is parsed.
         """
@@ -65,8 +85,8 @@ class Converter:
         names = ("auto", *BACKENDS)
         if not isinstance(backend, str) or backend not in names:
             raise InputError(f"backend: expected one of {list(names)}, got {backend!r}")
-        if precision not in PRECISIONS:
-            raise InputError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
+        if not isinstance(precision, str) or precision not in ("auto", *RUN_PRECISIONS):
+            raise InputError(f"precision: expected one of {['auto', *RUN_PRECISIONS]}, got {precision!r}")
         if device is not None and not (isinstance(device, str) and DEVICE.fullmatch(device)):
             raise InputError(f"device: expected None, 'cpu', 'cuda' or 'cuda:N', got {device!r}")
         if max_batch is not None:
@@ -79,9 +99,10 @@ class Converter:
         if bundle.manifest.image_size != IMAGE_SIZE:
             raise BundleError(f"{bundle.path}: expected image_size {IMAGE_SIZE} (what preprocess makes), "
                               f"the manifest says {bundle.manifest.image_size}")
-        chosen, reason = cls._choose(bundle, backend, precision, device)
+        chosen, precision, reason = auto.choose(BACKENDS, bundle, backend, precision, device)
+        options = _backend_options(chosen, backend_options)
         resolved = chosen.resolve_device(device)
-        instance = chosen(bundle, precision, resolved, threads)
+        instance = chosen(bundle, precision, resolved, threads, **options)
         limit = instance.max_batch_limit
         if max_batch is None:
             max_batch = instance.default_max_batch
@@ -92,22 +113,6 @@ class Converter:
                              f"profile), got {max_batch}")
         info = BackendInfo(chosen.name, resolved, precision, instance.describe(), reason)
         return cls(bundle, instance, info, max_batch)
-
-    @staticmethod
-    def _choose(bundle: Bundle, backend: str, precision: str, device: str | None) -> tuple[type[Backend], str]:
-        if backend != "auto":
-            problem = BACKENDS[backend].unavailable(bundle, precision, device)
-            if problem is not None:
-                raise problem
-            return BACKENDS[backend], f"backend={backend!r} was requested"
-        skipped = []
-        for name in AUTO_ORDER:
-            problem = BACKENDS[name].unavailable(bundle, precision, device)
-            if problem is None:
-                passed = f" ({'; '.join(skipped)})" if skipped else ""
-                return BACKENDS[name], f"auto picked the first usable of {list(AUTO_ORDER)}{passed}"
-            skipped.append(f"{name} skipped: {problem}")
-        raise problem  # the last backend's reason: ONNX Runtime is the floor, nothing below it
 
     @classmethod
     def from_torch(cls, model, channels_last: bool | None = None, max_batch: int | None = None) -> "Converter":
@@ -193,7 +198,10 @@ class Converter:
         conditions = preprocess_batch(images, "images")  # (B, 1, 28, 28)
         self._check_output("convert", conditions.shape[0], n)
         sampler = self._backend.latent_sampler(seed)
-        return self._convert(conditions, n, sampler, temperature)
+        try:
+            return self._convert(conditions, n, sampler, temperature)
+        finally:
+            getattr(sampler, "release", lambda: None)()  # a host sampler's generator is reused
 
     def _check_output(self, method: str, glyphs: int, n: int) -> None:
         """Refuse a call whose one returned array would pass max_output_bytes."""

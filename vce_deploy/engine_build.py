@@ -26,7 +26,7 @@ from pathlib import Path
 from . import engine_cache
 from .bundle import Bundle, EngineInfo, FileEntry, default_bundle_path, file_entry, write_manifest
 from .bundle_swap import atomic_directory
-from .contract import MODELS, PRECISIONS
+from .contract import MODELS, PRECISIONS, TENSORRT_FORMS
 from .errors import BackendError, VCEError
 from .fsio import atomic_write_bytes
 
@@ -163,7 +163,8 @@ def build_engines(bundle_path, precision: str, min_batch: int = 1, opt_batch: in
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {list(PRECISIONS)}, got {precision!r}")
     bundle = Bundle.load(bundle_path, verify=True)
-    entries = {role: bundle.model_entry(role, precision, "onnx") for role in MODELS}
+    # int8: the symmetric QDQ form, the only one TensorRT's explicit quantization takes
+    entries = {role: bundle.model_entry(role, precision, "onnx", TENSORRT_FORMS) for role in MODELS}
     target = load_target(device)
     from .backends import cuda
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .contract import MODEL_IO, PRECISIONS
+from .contract import FILE_PRECISION, MODEL_IO, RUN_PRECISIONS
 from .errors import BundleError, VCEError
 from .tolerances import TOLERANCES, Tolerance
 
@@ -190,25 +190,26 @@ def _compare(check: BackendParity, batch: int, got: dict, expected: dict) -> Non
 
 
 def _check_one(bundle, backend: str, precision: str, device: str, cases: dict, expected: dict,
-               allow_unsealed: bool = False) -> BackendParity:
+               allow_unsealed: bool = False, options: dict | None = None, label: str | None = None) -> BackendParity:
     from .backends import BACKENDS
     from .converter import Converter
 
     tolerance = TOLERANCES[precision]
+    label = label or backend
     problem = BACKENDS[backend].unavailable(bundle, precision, device)
     if problem is not None:
-        return BackendParity(backend, precision, tolerance, ran=False, ran_by=str(problem))
+        return BackendParity(label, precision, tolerance, ran=False, ran_by=str(problem))
     try:
         converter = Converter.load(bundle.path, backend=backend, precision=precision, device=device,
-                                   allow_unsealed=allow_unsealed)
+                                   allow_unsealed=allow_unsealed, backend_options=options)
     except VCEError as err:
         reason = f"{backend} could not load it: {str(err).splitlines()[0]}"
-        check = BackendParity(backend, precision, tolerance, ran=False, ran_by=reason)
+        check = BackendParity(label, precision, tolerance, ran=False, ran_by=reason)
         if tolerance.must_run:
-            check.mismatches.append(Mismatch("load", backend, precision, "encoder+convertor", reason))
+            check.mismatches.append(Mismatch("load", label, precision, "encoder+convertor", reason))
         return check
     with converter:
-        check = BackendParity(backend, precision, tolerance, ran=True, ran_by=converter.backend_info.detail)
+        check = BackendParity(label, precision, tolerance, ran=True, ran_by=converter.backend_info.detail)
         for batch, inputs in cases.items():
             _compare(check, batch, run_models(converter, inputs), expected[batch])
     return check
@@ -233,9 +234,15 @@ def check_parity(path: str | os.PathLike, glyphs: np.ndarray, batches=DEFAULT_BA
         expected = {batch: run_models(reference, inputs) for batch, inputs in cases.items()}
     have = {e.precision for e in bundle.entries(format="onnx")} | {e.precision for e in bundle.entries(format="tensorrt")}
     report = ParityReport()
-    for precision in precisions or [p for p in PRECISIONS if p in have]:
+    for precision in precisions or [p for p in RUN_PRECISIONS if FILE_PRECISION[p] in have]:
         checks = [_check_one(bundle, name, precision, device, cases, expected, allow_unsealed)
                   for name in backends or [n for n in BACKENDS if n != REFERENCE]]
+        tensorrt_form = [e for e in bundle.entries("encoder", "onnx", precision) if e.consumer == "tensorrt"]
+        if precision == "int8" and tensorrt_form and device == "cpu" and (backends is None or "onnxruntime" in backends):
+            # TensorRT's own int8 form, judged here too (the same int8 tolerance), so a bundle never
+            # ships a form no CPU check has seen; TensorRT itself runs it on the device
+            checks.append(_check_one(bundle, "onnxruntime", precision, device, cases, expected,
+                                     options={"int8_form": "tensorrt"}, label="onnxruntime-int8-tensorrt-form"))
         if TOLERANCES[precision].must_run and not any(check.ran or check.mismatches for check in checks):
             reasons = "; ".join(f"{c.backend}: {c.ran_by}" for c in checks)
             checks[-1].mismatches.append(Mismatch("load", "any backend", precision, "encoder+convertor",

@@ -8,6 +8,7 @@ class alone, so it never branches on which backend it holds.
 from __future__ import annotations
 
 import os
+import queue
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,16 +50,42 @@ class LatentSampler(Protocol):
 
 
 class HostLatentSampler(LatentSampler):
-    """Standard-normal latents from one numpy Philox generator on the host."""
+    """Standard-normal latents from one numpy Philox generator on the host.
+
+    Seeding a Philox generator costs more than a batch-1 conversion's whole noise draw, so a
+    seeded sampler starts from a cached copy of that seed's initial state, in a generator that a
+    finished call handed back with `release()` (the batch-1 path: docs/cpu_inference.md).
+    """
 
     device = "cpu"
+    _initial_states: dict[int, dict] = {}  # seed -> the Philox state its stream starts from
+    _spare: "queue.SimpleQueue[np.random.Generator]" = queue.SimpleQueue()  # released generators
+    MAX_CACHED_SEEDS = 4096
 
     def __init__(self, seed: int | None):
-        self._generator = np.random.Generator(np.random.Philox(seed))
+        state = self._initial_states.get(seed) if seed is not None else None
+        generator = None
+        if state is not None:
+            try:
+                generator = self._spare.get_nowait()
+                generator.bit_generator.state = state
+            except queue.Empty:
+                generator = None
+        if generator is None:
+            generator = np.random.Generator(np.random.Philox(seed))
+            if seed is not None and len(self._initial_states) < self.MAX_CACHED_SEEDS:
+                self._initial_states[seed] = generator.bit_generator.state
+        self._generator = generator
 
     def draw(self, count: int, latent_dim: int, temperature: float) -> np.ndarray:
         eps = self._generator.standard_normal((count, latent_dim), dtype=np.float32)  # (count, D)
         return eps if temperature == 1.0 else eps * np.float32(temperature)
+
+    def release(self) -> None:
+        """The call is done with this stream: its generator may start another seed's stream."""
+        generator, self._generator = self._generator, None
+        if generator is not None:
+            self._spare.put(generator)
 
 
 LatentStream = HostLatentSampler  # the old name, kept for callers written before the rename
@@ -91,6 +118,9 @@ class Backend(ABC):
     `convert` to keep noise, inputs and outputs on the device."""
 
     name: ClassVar[str]
+    device_names: ClassVar[str] = r"cpu|cuda(:\d+)?"  # the devices it accepts (a regular expression)
+    options: ClassVar[dict[str, tuple]] = {}  # Converter.load(backend_options=...) keys -> allowed values
+    precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8")  # contract.RUN_PRECISIONS it runs
 
     def __init__(self, bundle: "Bundle | None", precision: str, device: str, threads: int | None):
         self.bundle = bundle  # None for a model given in memory (TorchBackend.from_module)
@@ -173,6 +203,9 @@ class Backend(ABC):
         """
         total = conditions.shape[0] * samples_per_condition
         latents = sampler.draw(total, self.latent_dim, temperature)  # (B * n, D)
+        if total <= max_batch:  # one engine call: its output is the answer, no copy
+            q = conditions if samples_per_condition == 1 else np.repeat(conditions, samples_per_condition, axis=0)
+            return self.run_padded("convertor", {"z": latents, "q": q})["y"]
         out = np.empty((total, 1, self.image_size, self.image_size), np.float32)
         for start, stop in batch_slices(total, max_batch):
             rows = np.arange(start, stop) // samples_per_condition  # sample i belongs to condition i // n

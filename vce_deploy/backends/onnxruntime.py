@@ -88,6 +88,7 @@ def _trt_provider_cache(ort, device_id: int) -> Path:
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    options = {"int8_form": ("auto", "cpu", "tensorrt")}  # which int8 file (contract.CONSUMERS) it runs
 
     @classmethod
     def unavailable(cls, bundle, precision, device):
@@ -115,7 +116,7 @@ class OnnxRuntimeBackend(Backend):
             return "cpu"
         return "cuda:0" if gpu_provider and _gpu_present() else "cpu"
 
-    def __init__(self, bundle, precision, device, threads):
+    def __init__(self, bundle, precision, device, threads, int8_form: str = "auto"):
         super().__init__(bundle, precision, device, threads)
         ort = _ort()
         self._ort = ort
@@ -130,7 +131,13 @@ class OnnxRuntimeBackend(Backend):
         providers = self._providers(ort)
         self._sessions = {}
         self._output_names = {}
-        entries = {role: bundle.model_entry(role, precision, "onnx") for role in MODELS}
+        # int8: the uint8-activation form on the CPU (x86 U8S8 kernels), the symmetric one on a GPU
+        # int8_form names one form instead: the exporter measures both forms' NLL and parity here
+        consumers = ("tensorrt", "any", "cpu") if self.on_gpu else ("cpu", "any", "tensorrt")
+        if int8_form != "auto":
+            consumers = (int8_form, "any")
+        entries = {role: bundle.model_entry(role, precision, "onnx", consumers) for role in MODELS}
+        self._files = [f"{e.path} (consumer {e.consumer})" for e in entries.values()]
         for role, entry in entries.items():  # every manifest entry checked before any session exists
             check_entry_io(entry, role, str(bundle.path), self.image_size, self.latent_dim)
         # both files read and hashed (once) before either is parsed: a changed byte in one is refused
@@ -169,7 +176,8 @@ class OnnxRuntimeBackend(Backend):
                  "it on the device)") if self.on_gpu else "on the host"
         note = shadowing_note()
         return (f"onnxruntime {self._ort.__version__}, providers {self.providers}, "
-                f"{self.intra_op_threads} intra-op threads, noise drawn {noise}" + (f"; warning: {note}" if note else ""))
+                f"{self.intra_op_threads} intra-op threads, files {', '.join(self._files)}, noise drawn {noise}"
+                + (f"; warning: {note}" if note else ""))
 
     # -- GPU: noise drawn on the device, inputs and outputs bound there --------------------
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import engine_cache
 from ..bundle import EngineInfo, FileEntry
-from ..contract import MODELS
+from ..contract import MODELS, TENSORRT_FORMS
 from ..errors import BackendError, EngineMismatchError
 from . import cuda
 from .base import Backend, batch_slices, check_entry_io, compare_io, pad_rows
@@ -115,7 +115,9 @@ def locate_engines(bundle, precision: str, device: str | None,
                                          lambda e=entry: bundle.read_verified(e))
         else:
             return sources, None
-    onnx = {role: bundle.entries(role, "onnx", precision) for role in MODELS}
+    # int8: the engines were built from the symmetric form (contract.TENSORRT_FORMS), keyed by its sha256
+    onnx = {role: [e for c in TENSORRT_FORMS for e in bundle.entries(role, "onnx", precision) if e.consumer == c]
+            for role in MODELS}
     if all(onnx.values()):
         sources = {}
         for role, (entry, *_) in onnx.items():

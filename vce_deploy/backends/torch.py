@@ -80,6 +80,7 @@ class GraphRunner:
 
 class TorchBackend(Backend):
     name = "torch"
+    precisions = ("fp32",)
 
     @classmethod
     def unavailable(cls, bundle, precision, device):
