@@ -20,7 +20,7 @@ from .metrics import describe_mapping, describe_metrics
 
 def build_parser() -> argparse.ArgumentParser:
     from .backends import BACKENDS
-    from .contract import RUN_PRECISIONS
+    from .contract import PRECISIONS, RUN_PRECISIONS
 
     parser = argparse.ArgumentParser(prog="vce", description="One-shot glyph conversion with a VCE bundle.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_build_parser(commands)
 
-    add_serve_parser(commands, BACKENDS, PRECISIONS)
+    add_serve_parser(commands, BACKENDS, ("auto", *RUN_PRECISIONS))
     add_export_triton_parser(commands, PRECISIONS)
     return parser
 
