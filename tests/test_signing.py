@@ -151,7 +151,7 @@ ATTACKS = {
     "version swapped to 1, resealed": (lambda r, k: edit_raw(r, lambda raw: raw.update(format_version=1)), "fp32",
                                        True),
     "used model byte flipped": (lambda r, k: flip(r / "encoder.onnx"), "fp32", False),
-    "int8 model byte flipped": (lambda r, k: flip(r / "convertor.int8.onnx"), "int8", False),
+    "int8 model byte flipped": (lambda r, k: flip(r / "convertor.int8.cpu.onnx"), "int8", False),
     "fp16 model truncated": (lambda r, k: (r / "encoder.fp16.onnx").write_bytes(b""), "fp16", False),
     "model file removed": (lambda r, k: (r / "convertor.onnx").unlink(), "fp32", False),
     "unsigned file added": (lambda r, k: shutil.copy(r / "encoder.onnx", r / "extra.onnx"), "fp32", False),

@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--all-drawings", action="store_true", help="all 20 drawings of every character as targets, not drawings 0 and 10")
     parser.add_argument("--precision", default=None, help="bundle precision: fp32, fp16, int8")
     parser.add_argument("--backend", default=None, help="bundle backend, e.g. onnxruntime")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (default: physical cores; 1 beside a training run on a 2-core machine)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N targets (quick checks)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=1000, help="convertor batch")
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
     from vce_deploy.omniglot import targets_per_character
 
     try:
-        model, description = load_evaluable(args.source, args.backend, args.precision)
+        model, description = load_evaluable(args.source, args.backend, args.precision, args.threads)
         _, x, q = load_targets(args.split, args.part, args.data_dir, args.all_drawings, args.limit)
     except (VCEError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

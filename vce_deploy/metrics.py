@@ -12,7 +12,11 @@ from typing import Any
 NLL_SECTIONS = {"nll_reported": "NLL, reported", "nll": "NLL, export-time check (not the reported figure)"}
 
 
-def _protocol(protocol: dict) -> str:
+LINE_WIDTH = 110  # inspect's lines stay readable in a terminal (tests/test_first_hour.py)
+
+
+def _protocol(protocol: dict) -> tuple[str, list[str]]:
+    """(the short head: K, targets, split, seed, SE; the rest as 'key: value' lines)."""
     parts = []
     if "k" in protocol:
         parts.append(f"K = {protocol['k']}")
@@ -23,24 +27,32 @@ def _protocol(protocol: dict) -> str:
         parts.append(f"{protocol['split']} split")
     if "seed" in protocol:
         parts.append(f"seed {protocol['seed']}")
-    if protocol.get("drawings"):
-        parts.append(protocol["drawings"])
     if protocol.get("standard_error"):
         parts.append(f"SE {protocol['standard_error']}")
-    known = {"k", "targets", "of", "split", "seed", "drawings", "standard_error", "command"}
-    parts += [f"{key} {value}" for key, value in protocol.items() if key not in known]
-    return "; ".join(parts)
+    head = {"k", "targets", "of", "split", "seed", "standard_error"}
+    details = [f"{key}: {_plain(value)}" for key, value in protocol.items() if key not in head]
+    return "; ".join(parts), details
+
+
+def _wrapped(text: str, indent: str) -> list[str]:
+    """A long value on several indented lines (a command is kept whole: it is copied, not read)."""
+    import textwrap
+
+    if text.startswith("command: "):
+        return [indent + text]
+    return textwrap.wrap(text, LINE_WIDTH, initial_indent=indent, subsequent_indent=indent + "  ",
+                         break_on_hyphens=False) or [indent]
 
 
 def _nll_lines(title: str, section: dict) -> list[str]:
-    protocol = section.get("protocol", {})
-    lines = [f"{title}: {_protocol(protocol)}"]
-    if protocol.get("command"):  # on its own line: a command is long
-        lines.append(f"  command: {protocol['command']}")
-    for precision, r in section.items():
-        if precision == "protocol" or not isinstance(r, dict):
-            continue
-        text = f"  {precision:<5} NLL {r.get('nll_mean', float('nan')):.2f} ± {r.get('nll_sem', float('nan')):.2f} nats"
+    head, details = _protocol(section.get("protocol", {}))
+    lines = [f"{title}: {head}"]
+    for detail in details:
+        lines += _wrapped(detail, "  ")
+    rows = {precision: r for precision, r in section.items() if precision != "protocol" and isinstance(r, dict)}
+    width = max([5, *map(len, rows)])
+    for precision, r in rows.items():
+        text = f"  {precision:<{width}} NLL {r.get('nll_mean', float('nan')):.2f} ± {r.get('nll_sem', float('nan')):.2f} nats"
         if "elbo_mean" in r:
             text += f", -ELBO {r['elbo_mean']:.2f} ± {r.get('elbo_sem', float('nan')):.2f}"
         if "cost_vs_fp32" in r:

@@ -136,14 +136,16 @@ def load_targets(split: str, part: str, data_dir: str | os.PathLike | None = Non
     return images, x[:limit], q[:limit]
 
 
-def load_evaluable(source: str | os.PathLike, backend: str | None = None, precision: str | None = None):
+def load_evaluable(source: str | os.PathLike, backend: str | None = None, precision: str | None = None,
+                   threads: int | None = None):
     """A bundle directory -> Converter.load (any backend and precision); a .safetensors
-    checkpoint -> the torch backend on it (fp32, channels_last). Returns (converter, description)."""
+    checkpoint -> the torch backend on it (fp32, channels_last). threads: intra-op threads
+    (default: the runtime's, physical cores). Returns (converter, description)."""
     from .converter import Converter
 
     source = Path(source)
     if source.is_dir():
-        kwargs = {k: v for k, v in (("backend", backend), ("precision", precision)) if v is not None}
+        kwargs = {k: v for k, v in (("backend", backend), ("precision", precision), ("threads", threads)) if v is not None}
         described = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "defaults"
         return Converter.load(source, **kwargs), f"bundle {source} ({described})"
     if source.name.endswith(".safetensors"):
@@ -152,6 +154,10 @@ def load_evaluable(source: str | os.PathLike, backend: str | None = None, precis
         from .checkpoint import load_model
 
         model, _ = load_model(source)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         # channels_last: eager PyTorch ran the convertor 1.24x faster so at batch 64 (docs/measurements/bench_quiet.md)
         return Converter.from_torch(model, channels_last=True), f"checkpoint {source} (PyTorch fp32)"
     raise ValueError(f"{source}: expected a .safetensors checkpoint or a bundle directory")
