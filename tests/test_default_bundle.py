@@ -64,8 +64,8 @@ def test_same_drawing_other_hand_is_closer_than_other_characters(converter):
     character fit them better than drawings of other characters do. Over 8 characters of the
     paper's test alphabets: BCE against the same character's other 19 drawings over the median
     BCE against the other characters' drawings. Measured: median 0.80 (the shipped model), 0.76
-    (the first paper-split model) and 0.72 (round 1's); a few characters whose drawings vary widely sit above 1 in both; a model
-    that ignores its condition sits near 1 for all."""
+    (the first paper-split model) and 0.72 (round 1's); a few characters whose drawings vary
+    widely sit above 1 in all three; a model that ignores its condition sits near 1 for all."""
     test = load_split("paper", "test")
     characters = list(range(10, len(test), 82))
     samples = converter.convert(test.images[characters, 0], n=32, seed=1)

@@ -7,6 +7,7 @@ so that precisions can be compared at export time. docs/export.md describes both
 from __future__ import annotations
 
 import json
+import textwrap
 from typing import Any
 
 NLL_SECTIONS = {"nll_reported": "NLL, reported", "nll": "NLL, export-time check (not the reported figure)"}
@@ -15,8 +16,8 @@ NLL_SECTIONS = {"nll_reported": "NLL, reported", "nll": "NLL, export-time check 
 LINE_WIDTH = 110  # inspect's lines stay readable in a terminal (tests/test_first_hour.py)
 
 
-def _protocol(protocol: dict) -> tuple[str, list[str]]:
-    """(the short head: K, targets, split, seed, SE; the rest as 'key: value' lines)."""
+def _protocol(protocol: dict) -> tuple[str, list[tuple[str, str]]]:
+    """(the short head: K, targets, split, seed, SE; the other fields as (key, value))."""
     parts = []
     if "k" in protocol:
         parts.append(f"K = {protocol['k']}")
@@ -30,25 +31,23 @@ def _protocol(protocol: dict) -> tuple[str, list[str]]:
     if protocol.get("standard_error"):
         parts.append(f"SE {protocol['standard_error']}")
     head = {"k", "targets", "of", "split", "seed", "standard_error"}
-    details = [f"{key}: {_plain(value)}" for key, value in protocol.items() if key not in head]
+    details = [(key, _plain(value)) for key, value in protocol.items() if key not in head]
     return "; ".join(parts), details
 
 
-def _wrapped(text: str, indent: str) -> list[str]:
-    """A long value on several indented lines (a command is kept whole: it is copied, not read)."""
-    import textwrap
-
-    if text.startswith("command: "):
-        return [indent + text]
-    return textwrap.wrap(text, LINE_WIDTH, initial_indent=indent, subsequent_indent=indent + "  ",
-                         break_on_hyphens=False) or [indent]
+def _detail_lines(key: str, value: str, indent: str) -> list[str]:
+    """'key: value', wrapped to LINE_WIDTH; a command is kept on one line: it is copied, not read."""
+    text = f"{indent}{key}: {value}"
+    if key == "command":
+        return [text]
+    return textwrap.wrap(text, LINE_WIDTH, subsequent_indent=indent + "  ", break_on_hyphens=False)
 
 
 def _nll_lines(title: str, section: dict) -> list[str]:
     head, details = _protocol(section.get("protocol", {}))
     lines = [f"{title}: {head}"]
-    for detail in details:
-        lines += _wrapped(detail, "  ")
+    for key, value in details:
+        lines += _detail_lines(key, value, "  ")
     rows = {precision: r for precision, r in section.items() if precision != "protocol" and isinstance(r, dict)}
     width = max([5, *map(len, rows)])
     for precision, r in rows.items():

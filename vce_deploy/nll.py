@@ -145,7 +145,8 @@ def load_evaluable(source: str | os.PathLike, backend: str | None = None, precis
 
     source = Path(source)
     if source.is_dir():
-        kwargs = {k: v for k, v in (("backend", backend), ("precision", precision), ("threads", threads)) if v is not None}
+        given = (("backend", backend), ("precision", precision), ("threads", threads))
+        kwargs = {k: v for k, v in given if v is not None}
         described = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "defaults"
         return Converter.load(source, **kwargs), f"bundle {source} ({described})"
     if source.name.endswith(".safetensors"):
