@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from train.config import preset
-from train.table1 import CHECKPOINT, NLL_FILE, ROWS, SECTION_BEGIN, main
+from train.table1 import CHECKPOINT, PARTS, ROWS, SECTION_BEGIN, main, nll_file
 from train.train import STAGE2_CHECKPOINT
 from vce_deploy.checkpoint import load_tensors, read_meta
 
@@ -33,7 +33,7 @@ def table(smoke_run, tmp_path_factory):
     docs.mkdir()
     (docs / "results.md").write_text("# Results\n\nLatency tables, written by someone else.\n")
     argv = ["--from", str(smoke_run / STAGE2_CHECKPOINT), "--final-steps", str(FINAL_STEPS), "--k", "4",
-            "--limit", "6", "--out", str(root / "runs"), "--docs", str(docs), "--no-progress"]
+            "--limit", "6", "--test-every", "2", "--out", str(root / "runs"), "--docs", str(docs), "--no-progress"]
     assert main(argv) == 0
     return root, argv
 
@@ -62,15 +62,39 @@ def test_results_md_holds_our_numbers_beside_the_papers(table):
     root, _ = table
     text = (root / "docs" / "results.md").read_text()
     assert "Latency tables, written by someone else." in text, "the rest of results.md must survive"
+    records = {part: {row.name: json.loads(nll_file(root / "runs" / row.name, part).read_text()) for row in ROWS}
+               for part in PARTS}
     for row in ROWS:
-        record = json.loads((root / "runs" / row.name / NLL_FILE).read_text())
-        assert record["k"] == 4 and record["targets"] == 6
-        line = f"| Our VCE | {row.label} | {record['nll_mean']:.2f} ± {record['nll_sem']:.2f} |"
+        validation, test = records["validation"][row.name], records["test"][row.name]
+        assert validation["k"] == test["k"] == 4 and validation["targets"] == test["targets"] == 6
+        assert test["settings"]["every"] == 2 and validation["settings"]["every"] == 1
+        line = (f"| Our VCE | {row.label} | {validation['nll_mean']:.2f} ± {validation['nll_sem_characters']:.2f} | "
+                f"{test['nll_mean']:.2f} ± {test['nll_sem_characters']:.2f} |")
         assert line in text, f"missing or wrong row: {line}"
         assert re.search(re.escape(line) + r".*\| " + re.escape(f"{row.paper_nll:g}") + r" \|", text)
     assert "not directly comparable" in text and f"trains {FINAL_STEPS} final-stage steps" in text
+    assert "one test character in 2 (a subset spanning all test alphabets)" in text
     summary = json.loads((root / "runs" / "table1.json").read_text())
-    assert set(summary) == {row.name for row in ROWS}
+    best = min(ROWS, key=lambda row: records["validation"][row.name]["nll_mean"])
+    assert summary["chosen"] == best.name, "the final loss is chosen on validation, never on test"
+    assert f"**Chosen on validation: {best.label}**" in text
+    assert set(summary["validation"]) == set(summary["test"]) == {row.name for row in ROWS}
+
+
+def test_the_test_subset_takes_whole_characters_from_every_alphabet():
+    from vce_deploy.nll import load_targets
+    from vce_deploy.omniglot import targets_per_character
+
+    split, x, q = load_targets("small", "test", every=3)
+    whole, x_all, q_all = load_targets("small", "test")
+    kept = split.names[::3]
+    assert {alphabet for alphabet, _ in kept} == {alphabet for alphabet, _ in whole.names}
+    assert len(x) == targets_per_character() * len(kept)
+    pairs = 2 * 3  # targets per character times the stride
+    assert np.array_equal(x[:2], x_all[:2]) and np.array_equal(x[2:4], x_all[pairs:pairs + 2])
+    assert np.array_equal(q[2:4], q_all[pairs:pairs + 2])
+    with pytest.raises(ValueError, match="every: expected a positive"):
+        load_targets("small", "test", every=0)
 
 
 def test_sample_grids_have_one_line_per_condition(table):
@@ -88,17 +112,17 @@ def test_rerun_skips_finished_rows_and_redoes_only_what_is_missing(table, capsys
     root, argv = table
     runs = root / "runs"
     before = {row.name: _digest(runs / row.name / CHECKPOINT) for row in ROWS}
-    nll_before = {row.name: _numbers(runs / row.name / NLL_FILE) for row in ROWS}
-    kept = {row.name: _digest(runs / row.name / NLL_FILE) for row in ROWS if row.name != "introvae"}
-    (runs / "introvae" / NLL_FILE).unlink()  # evaluation of one row lost
+    nll_before = {row.name: _numbers(nll_file(runs / row.name, "test")) for row in ROWS}
+    kept = {row.name: _digest(nll_file(runs / row.name, "test")) for row in ROWS if row.name != "introvae"}
+    nll_file(runs / "introvae", "test").unlink()  # evaluation of one row lost
     capsys.readouterr()
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert all(f"[{row.name}] finished" in printed for row in ROWS)
     assert {row.name: _digest(runs / row.name / CHECKPOINT) for row in ROWS} == before
-    assert {row.name: _numbers(runs / row.name / NLL_FILE) for row in ROWS} == nll_before, \
+    assert {row.name: _numbers(nll_file(runs / row.name, "test")) for row in ROWS} == nll_before, \
         "the re-evaluated row must give the same numbers (seeded)"
-    assert {name: _digest(runs / name / NLL_FILE) for name in kept} == kept, "cached NLLs must not be recomputed"
+    assert {name: _digest(nll_file(runs / name, "test")) for name in kept} == kept, "cached NLLs must not be recomputed"
     assert (root / "docs" / "results.md").read_text().count(SECTION_BEGIN) == 1
 
 

@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="intra-op threads (default: physical cores; 1 beside a training run on a 2-core machine)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N targets (quick checks)")
+    parser.add_argument("--every", type=int, default=1,
+                        help="only every N-th character (a subset spanning every alphabet, e.g. for a K sweep)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=1000, help="convertor batch")
     parser.add_argument("--data-dir", default=None, help="folder with the Omniglot zips")
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
 
     try:
         model, description = load_evaluable(args.source, args.backend, args.precision, args.threads)
-        _, x, q = load_targets(args.split, args.part, args.data_dir, args.all_drawings, args.limit)
+        _, x, q = load_targets(args.split, args.part, args.data_dir, args.all_drawings, args.limit, args.every)
     except (VCEError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -61,7 +63,8 @@ def main(argv=None) -> int:
               f"split's {args.part} part, seed {result['seed']}, {seconds:.0f} s)")
         print(f"-ELBO {result['elbo_mean']:.2f} ± {result['elbo_sem']:.2f} nats")
         records.append(dict(result, source=str(args.source), model=description, seconds=seconds, split=args.split,
-                            part=args.part, all_drawings=args.all_drawings, limit=args.limit))
+                            part=args.part, all_drawings=args.all_drawings, limit=args.limit,
+                            every=args.every))
     if len(records) > 1:  # paired: the same targets and the same noise seeds
         base = np.asarray(records[0]["nll_per_target"])
         for record in records[1:]:
