@@ -32,9 +32,9 @@ def record(bundle_path: str | Path, results: list[tuple[str, dict]], split: str 
         chosen_split = result.get("split") or split
         if not chosen_split:
             raise ValueError("the result does not name its split: pass --split (paper or small)")
-        if result.get("limit") or result.get("part", "test") != "test":
+        if result.get("limit") or result.get("every", 1) != 1 or result.get("part", "test") != "test":
             raise ValueError(f"{precision}: expected a full test-part evaluation, got limit={result.get('limit')!r}, "
-                             f"part={result.get('part')!r}: not a reportable figure")
+                             f"every={result.get('every', 1)!r}, part={result.get('part')!r}: not a reportable figure")
         command = (f"python -m train.evaluate BUNDLE --precision {precision} --k {result['k']} --split {chosen_split}"
                    f"{' --all-drawings' if result.get('all_drawings') else ''} --seed {result['seed']}")
         protocol, figures = reported_nll(result, chosen_split, command.replace(f" {precision} ", " P "))

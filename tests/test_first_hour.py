@@ -193,6 +193,8 @@ def test_record_nll_reseals_and_refuses_a_partial_evaluation(tmp_path):
     assert section["protocol"]["k"] == 50 and section["fp32"]["nll_mean"] == 100.0
     with pytest.raises(ValueError, match="not a reportable figure"):
         record(copy, [("fp32", dict(result, limit=10))])
+    with pytest.raises(ValueError, match="not a reportable figure"):
+        record(copy, [("fp32", dict(result, every=4))])  # a character subset is not the protocol either
     with pytest.raises(ValueError, match="differs"):
         record(copy, [("fp32", result), ("int8", dict(result, k=1000))])
 
