@@ -192,7 +192,7 @@ def results_markdown(rows: list[Row], records: dict[str, dict[str, dict]], count
                      f"{_pm(test[row.name], 'elbo')} | {row.paper_nll:g} |")
     boundary = config.reptile_steps + config.vae_steps
     trunk = (f"{config.reptile_steps} Reptile outer steps of {config.reptile_inner_steps} inner steps, then "
-             f"{config.vae_steps} VAE steps")
+             if config.reptile_steps else "") + f"{config.vae_steps} VAE steps"
     if config.init_from:
         trunk += f", starting from the weights of `{config.init_from}`"
     lines += [
@@ -203,8 +203,8 @@ def results_markdown(rows: list[Row], records: dict[str, dict[str, dict]], count
         "**Budget.** Every row starts from the same stage-2 checkpoint "
         f"(`{stage2}`, step {stage2_meta['step']}: {trunk}) and trains "
         f"{config.final_steps} final-stage steps with seed {config.seed}, batch {19 * config.episodes_per_step}, "
-        f"Adam lr {config.lr:g} halved every {config.lr_halve_every} steps; {boundary + config.final_steps} steps "
-        f"in all. Model: {config.model.channels} channels, {config.model.blocks} residual block(s) per trunk, "
+        f"Adam lr {config.lr:g} halved every {config.lr_halve_every} steps ({config.lr_at(boundary):g} at the "
+        f"branch point); {boundary + config.final_steps} steps in all. Model: {config.model.channels} channels, {config.model.blocks} residual block(s) per trunk, "
         f"latent {config.model.latent_dim}. LMVAE m = {config.margin:g}, λ = {config.lam:g}; "
         f"IntroVAE α = {config.intro_alpha:g}, β = {config.intro_beta:g}.",
         "",
