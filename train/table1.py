@@ -30,7 +30,6 @@ import numpy as np
 
 from vce_deploy.checkpoint import atomic_write_bytes, read_meta, sidecar_path
 from vce_deploy.errors import CheckpointError
-
 from vce_deploy.omniglot import SPLITS, targets_per_character
 
 from .config import TrainConfig
@@ -204,8 +203,9 @@ def results_markdown(rows: list[Row], records: dict[str, dict[str, dict]], count
         f"(`{stage2}`, step {stage2_meta['step']}: {trunk}) and trains "
         f"{config.final_steps} final-stage steps with seed {config.seed}, batch {19 * config.episodes_per_step}, "
         f"Adam lr {config.lr:g} halved every {config.lr_halve_every} steps ({config.lr_at(boundary):g} at the "
-        f"branch point); {boundary + config.final_steps} steps in all. Model: {config.model.channels} channels, {config.model.blocks} residual block(s) per trunk, "
-        f"latent {config.model.latent_dim}. LMVAE m = {config.margin:g}, λ = {config.lam:g}; "
+        f"branch point); {boundary + config.final_steps} steps in all. Model: {config.model.channels} channels, "
+        f"{config.model.blocks} residual block(s) per trunk, latent {config.model.latent_dim}. "
+        f"LMVAE m = {config.margin:g}, λ = {config.lam:g}; "
         f"IntroVAE α = {config.intro_alpha:g}, β = {config.intro_beta:g}.",
         "",
         f"**Against the paper.** We use {split_sentence(config, counts)}. The paper trains 600,000 steps on a "
