@@ -47,7 +47,7 @@ def tiny(**overrides):
 def cached_data(monkeypatch, splits):
     """The loop reads the zips on every call; these tests are about the loop, so read them once."""
     by_part = {"train": splits[0], "validation": splits[1]}
-    monkeypatch.setattr(train_module, "load_split", lambda split, part, data_dir=None: by_part[part])
+    monkeypatch.setattr(train_module, "load_split", lambda split, part, data_dir=None, **_: by_part[part])
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -110,7 +110,7 @@ def test_optimizer_state_round_trips_through_a_checkpoint(tmp_path):
         opt.step()
     _save(tmp_path, model, optimizers, config, 5, {})
     model2, optimizers2 = build()
-    assert _resume(tmp_path, model2, optimizers2, config) == 5
+    assert _resume(tmp_path, model2, optimizers2, config) == (5, None)
     _assert_same_tensors(model2.state_dict(), model.state_dict(), "model")
     for name in optimizers:
         a, b = optimizers[name].state_dict()["state"], optimizers2[name].state_dict()["state"]
@@ -153,13 +153,15 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_run(tmp_path, cach
 
 @pytest.mark.parametrize("final_loss, sigma", [("vae", 0.15), ("lmvae", 0.0), ("introvae", 0.15)])
 def test_branching_at_the_stage2_checkpoint_gives_the_uninterrupted_run(tmp_path, cached_data, final_loss, sigma):
-    """What train.table1 does: copy stage2 into a new run dir, resume with another final loss."""
+    """What train.table1 does: branch stage2 into a new run dir, resume with another final loss."""
     train(tiny(), tmp_path / "trunk", progress=False)  # final loss lmvae, sigma 0.15
     branch = tmp_path / "branch"
-    branch.mkdir()
-    shutil.copy(tmp_path / "trunk" / STAGE2_CHECKPOINT, branch / CHECKPOINT)
-    shutil.copy(tmp_path / "trunk" / "stage2.json", branch / "checkpoint.json")
     config = tiny(final_loss=final_loss, sigma=sigma)
+    if final_loss != "lmvae" or sigma != 0.15:  # resuming a copy with another recipe is refused
+        shutil.copytree(tmp_path / "trunk", tmp_path / "copy")
+        with pytest.raises(CheckpointError, match="final_loss|sigma"):
+            train(config, tmp_path / "copy", progress=False)
+    train_module.branch(tmp_path / "trunk" / STAGE2_CHECKPOINT, branch, config)
     assert train(config, branch, progress=False)["resumed_from"] == config.reptile_steps + config.vae_steps
     train(config, tmp_path / "straight", progress=False)
     _assert_same_tensors(_weights(branch / CHECKPOINT), _weights(tmp_path / "straight" / CHECKPOINT),

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from vce_deploy.model import ModelConfig
+from vce_deploy.omniglot import VALIDATION_ALPHABETS
 
 
 @dataclass(frozen=True)
@@ -12,6 +14,14 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 0
     split: str = "paper"  # vce_deploy.omniglot.SPLITS: "paper" (30/20 alphabets) or "small" (smoke runs)
+    # Background alphabets held out whole for validation, comma-separated (every choice is made
+    # on them: vce_deploy/omniglot.py says why); "" holds out one character in ten of each
+    # training alphabet instead (the small split, and runs begun before validation alphabets).
+    validation_alphabets: str = ",".join(VALIDATION_ALPHABETS)
+    # Comma-separated names from AUGMENTATIONS: "rot90" turns every training character by 90,
+    # 180 and 270 degrees into three new characters; "jitter" gives every target drawing its own
+    # small random shift, rotation, scale and shear (train/data.py). "" = none.
+    augment: str = ""
     init_from: str = ""  # a checkpoint whose weights (not optimiser state) start the run; "" = random init
     device: str = "cpu"  # "cuda" on a GPU machine
     # bf16 autocast of the forward pass: "auto" = on where the hardware runs bf16 natively (a CUDA
@@ -34,6 +44,9 @@ class TrainConfig:
     # Fig. 3 halves the rate a few times over 600k steps without saying when: every 100k steps
     # of stages 2 and 3 puts the orange lines where the figure draws them.
     lr_halve_every: int = 100_000
+    # LR_SCHEDULES over stages 2-3: "halve" every lr_halve_every steps; "constant"; "cosine" from
+    # lr down to lr * COSINE_FLOOR at the last step (Loshchilov and Hutter's SGDR, one cycle).
+    lr_schedule: str = "halve"
     episodes_per_step: int = 1  # batch = 19 * episodes_per_step pairs
     # LMVAE (eqs. 11, 12) and IntroVAE (eqs. 6, 7)
     margin: float = 50.0
@@ -73,7 +86,20 @@ class TrainConfig:
 
     def lr_at(self, step: int) -> float:
         done = max(0, step - self.reptile_steps)
+        if self.lr_schedule == "constant":
+            return self.lr
+        if self.lr_schedule == "cosine":
+            progress = min(1.0, done / max(1, self.vae_steps + self.final_steps))
+            return self.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
         return self.lr * 0.5 ** (done // self.lr_halve_every)
+
+    @property
+    def held_out_alphabets(self) -> tuple[str, ...]:
+        return tuple(name for name in self.validation_alphabets.split(",") if name)
+
+    @property
+    def augmentations(self) -> tuple[str, ...]:
+        return tuple(name for name in self.augment.split(",") if name)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +118,7 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # seconds on 2 cores: a narrow, shallow model and a few steps of every stage
     "smoke": TrainConfig(
-        model=ModelConfig(channels=8, blocks=1), split="small", autocast="off",
+        model=ModelConfig(channels=8, blocks=1), split="small", validation_alphabets="", autocast="off",
         reptile_steps=4, reptile_inner_steps=2, vae_steps=20, final_steps=12, lr=2e-3,
         lr_halve_every=16, log_every=2, sample_every=18, checkpoint_every=18,
         threads=1,  # a model this small gains nothing from 2 threads, and on a busy machine loses 10x
@@ -117,6 +143,17 @@ PRESETS: dict[str, TrainConfig] = {
 
 FINAL_LOSSES = ("lmvae", "vae", "introvae")
 AUTOCAST_CHOICES = ("auto", "on", "off")
+AUGMENTATIONS = ("rot90", "jitter")
+LR_SCHEDULES = ("halve", "constant", "cosine")
+COSINE_FLOOR = 0.05
+# Fields a resumed run may change: how it is run and watched, not what it learns. A larger
+# final_steps extends the last stage (its lr schedule is only the same under "halve" or
+# "constant": check_resumable refuses a cosine run whose length changed).
+RUN_CONTROL_FIELDS = frozenset({
+    "init_from", "log_every", "sample_every", "checkpoint_every", "validate_every", "validate_k",
+    "checkpoint_every_s", "time_limit_s", "threads", "final_steps", "device", "autocast"})
+# What a checkpoint written before a field existed was trained with (the field's old behaviour).
+LEGACY_VALUES = {"validation_alphabets": "", "augment": "", "lr_schedule": "halve"}
 
 
 def preset(name: str) -> TrainConfig:
@@ -158,4 +195,30 @@ def apply_overrides(config: TrainConfig, args: argparse.Namespace) -> TrainConfi
         raise ValueError(f"unknown final loss {config.final_loss!r}; expected one of {FINAL_LOSSES}")
     if config.autocast not in AUTOCAST_CHOICES:
         raise ValueError(f"unknown autocast {config.autocast!r}; expected one of {AUTOCAST_CHOICES}")
+    validate(config)
     return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Names that must come from a fixed list; an unknown one is an error, never ignored."""
+    unknown = sorted(set(config.augmentations) - set(AUGMENTATIONS))
+    if unknown:
+        raise ValueError(f"unknown augmentation {unknown}; expected a comma-separated subset of {list(AUGMENTATIONS)}")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr schedule {config.lr_schedule!r}; expected one of {list(LR_SCHEDULES)}")
+
+
+def resume_mismatches(saved: dict, config: TrainConfig) -> dict[str, tuple]:
+    """Fields (other than RUN_CONTROL_FIELDS) whose value differs between a checkpoint's saved
+    train config and the requested one: {field: (saved, requested)}."""
+    requested = config.to_dict()
+    saved = {**LEGACY_VALUES, **saved}
+    out = {}
+    for name, value in requested.items():
+        if name == "model" or name in RUN_CONTROL_FIELDS:
+            continue
+        if saved.get(name) != value:
+            out[name] = (saved.get(name), value)
+    if config.lr_schedule == "cosine" and saved.get("final_steps") != config.final_steps:
+        out["final_steps"] = (saved.get("final_steps"), config.final_steps)
+    return out

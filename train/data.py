@@ -22,3 +22,47 @@ def sample_episodes(split: Split, count: int, rng: np.random.Generator) -> tuple
     x = np.concatenate(xs)[:, None]
     q = np.concatenate(qs)[:, None]
     return np.ascontiguousarray(x), np.ascontiguousarray(q)
+
+
+# Augmentations (train/config.py AUGMENTATIONS; docs/results.md has their ablation rows)
+
+def rotated_classes(split: Split) -> Split:
+    """Class augmentation: each character turned by 90, 180 and 270 degrees is a new character
+    (4x the classes; standard in Omniglot few-shot work). Drawings stay {0, 1}."""
+    turned = [np.rot90(split.images, k, axes=(2, 3)) for k in range(4)]
+    names = [name for k in range(4) for name in
+             (split.names if k == 0 else [(a, f"{c}@rot{90 * k}") for a, c in split.names])]
+    return Split(np.ascontiguousarray(np.concatenate(turned)), names)
+
+
+# per-drawing jitter: small enough that a drawing stays the same character (pixels of 28)
+JITTER_SHIFT = 1.5  # pixels, each axis
+JITTER_ROTATE = 8.0  # degrees
+JITTER_SCALE = 0.08  # log-uniform factor in [1/1.08, 1.08], each axis
+JITTER_SHEAR = 0.12  # radians
+
+
+def jitter_drawings(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per-drawing augmentation: an independent small random shift, rotation, scale and shear of
+    each (N, 1, 28, 28) {0, 1} drawing, resampled bilinearly and binarised at 0.5 so the targets
+    stay the Bernoulli data the model is scored on. Only the targets are jittered, never the
+    condition: a user's condition is a real drawing, and the variations are what should vary."""
+    import torch
+    from torch.nn import functional as F
+
+    n = len(images)
+    angle = np.deg2rad(rng.uniform(-JITTER_ROTATE, JITTER_ROTATE, n))
+    shear = rng.uniform(-JITTER_SHEAR, JITTER_SHEAR, n)
+    scale = np.exp(rng.uniform(-np.log1p(JITTER_SCALE), np.log1p(JITTER_SCALE), (n, 2)))
+    shift = rng.uniform(-JITTER_SHIFT, JITTER_SHIFT, (n, 2)) * 2 / 28  # grid units: [-1, 1] spans 28 px
+    cos, sin = np.cos(angle), np.sin(angle)
+    rotation = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)  # (n, 2, 2)
+    shearing = np.zeros((n, 2, 2))
+    shearing[:, 0, 0] = shearing[:, 1, 1] = 1
+    shearing[:, 0, 1] = np.tan(shear)
+    linear = rotation @ shearing @ (np.eye(2) * scale[:, None, :])
+    theta = torch.from_numpy(np.concatenate([linear, shift[:, :, None]], axis=2).astype(np.float32))
+    source = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    grid = F.affine_grid(theta, list(source.shape), align_corners=False)
+    warped = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return (warped >= 0.5).to(torch.float32).numpy()

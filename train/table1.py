@@ -5,8 +5,8 @@
 Every row starts from the same stage-2 checkpoint (written by train.train at the end of the
 VAE stage) and trains the same number of final-stage steps with the same seed, so the rows
 differ only in the final loss: VAE (the VAE stage continued), LMVAE sigma = 0.15, LMVAE
-sigma = 0, IntroVAE. A row is branched by copying the stage-2 checkpoint into its run
-directory as checkpoint.safetensors and letting train() resume from it with the row's loss.
+sigma = 0, IntroVAE. A row is branched (train.train.branch: the stage-2 state, the row's
+recipe in its sidecar) into its run directory, and train() resumes it with the row's loss.
 
 Each row is scored twice by train.evaluate's estimator: on the validation characters (held
 out of the training alphabets), which choose the final loss, and on the test alphabets, which
@@ -91,9 +91,9 @@ def prepare_run(stage2: Path, run_dir: Path, config: TrainConfig) -> str:
             raise CheckpointError(f"{checkpoint}: already trained to step {meta['step']}, beyond the "
                                   f"{config.total_steps} asked for (--final-steps {config.final_steps}); use another --out")
         return "finished" if meta["step"] == config.total_steps else "resuming"
-    # weights first, sidecar last: a checkpoint without its sidecar is incomplete (vce_deploy.checkpoint)
-    atomic_write_bytes(checkpoint, stage2.read_bytes())
-    atomic_write_bytes(sidecar_path(checkpoint), sidecar_path(stage2).read_bytes())
+    from .train import branch
+
+    branch(stage2, run_dir, config)
     return "branched"
 
 
@@ -224,12 +224,13 @@ def results_markdown(rows: list[Row], records: dict[str, dict[str, dict]], count
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace our section of results.md (or append it), leaving the rest of the file alone."""
+def write_section(path: Path, section: str, begin: str = SECTION_BEGIN, end: str = SECTION_END) -> None:
+    """Replace the section between `begin` and `end` of results.md (or append it), leaving the
+    rest of the file alone."""
     text = path.read_text() if path.is_file() else "# Results\n\n"
-    if SECTION_BEGIN in text and SECTION_END in text:
-        head, rest = text.split(SECTION_BEGIN, 1)
-        tail = rest.split(SECTION_END, 1)[1].lstrip("\n")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
         text = head + section + tail
     else:
         text = text.rstrip("\n") + "\n\n" + section

@@ -17,19 +17,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vce_deploy.checkpoint import load_tensors, read_meta, save_checkpoint
+from vce_deploy.checkpoint import atomic_write_bytes, load_tensors, read_meta, save_checkpoint, sidecar_path
 from vce_deploy.errors import CheckpointError
 from vce_deploy.grid import save_grid
 from vce_deploy.model import VCE
 
-from .config import TrainConfig
 from vce_deploy.cpu import has_native_bf16
 from vce_deploy.omniglot import Split, load_split, nll_targets
 
-from .data import sample_episodes
+from .config import TrainConfig, resume_mismatches, validate
+from .data import jitter_drawings, rotated_classes, sample_episodes
 from .losses import LOSSES, LossTerms, vae_loss
 
 LOG_COLUMNS = ("step", "stage", "lr", "seconds", "loss", "loss_e", "loss_c", "kl", "con", "reg", "kl_c", "kl_s")
+CHECKPOINT = "checkpoint.safetensors"
 STAGE2_CHECKPOINT = "stage2.safetensors"
 SAMPLE_CONDITIONS = 8
 SAMPLES_PER_CONDITION = 10
@@ -138,33 +139,58 @@ def _load_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: dict
 
 
 def _save(out: Path, model, optimizers, config: TrainConfig, step: int, metrics: dict,
-          name: str = "checkpoint.safetensors") -> None:
+          name: str = CHECKPOINT, branched_from: dict | None = None) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     for opt_name, opt in optimizers.items():  # not `name`: that is the file name
         tensors.update(_optimizer_tensors(f"optim.{opt_name}", opt))
     meta = {"model_config": config.model.to_dict(), "train_config": config.to_dict(), "step": step,
             "stage": config.stage(step - 1) if step else "init", "seed": config.seed, "metrics": metrics}
+    if branched_from:  # provenance of a branched run (train.train.branch), kept at every save
+        meta["branched_from"] = branched_from
     save_checkpoint(out / name, tensors, meta)
 
 
-def _resume(out: Path, model, optimizers, config: TrainConfig) -> int:
-    path = out / "checkpoint.safetensors"
+def branch(source: Path, run_dir: Path, config: TrainConfig) -> None:
+    """Start a new run in `run_dir` from the state (weights and optimiser) of checkpoint `source`,
+    with `config` as its recipe from the source's step on: the copied sidecar records the new
+    config and where it branched, so resuming the branch checks against the branch's recipe.
+    For equal-budget comparisons (train.table1, train.ablate): every row from one state."""
+    meta = read_meta(source)
+    if meta["model_config"] != config.model.to_dict():
+        raise CheckpointError(f"{source}: cannot branch, its model config {meta['model_config']} differs from "
+                              f"the branch's {config.model.to_dict()}")
+    meta = {**meta, "train_config": config.to_dict(),
+            "branched_from": {"path": str(source), "step": meta["step"], "train_config": meta.get("train_config")}}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # weights first, sidecar last: a checkpoint without its sidecar is incomplete (vce_deploy.checkpoint)
+    atomic_write_bytes(run_dir / CHECKPOINT, Path(source).read_bytes())
+    atomic_write_bytes(sidecar_path(run_dir / CHECKPOINT), (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+
+
+def _resume(out: Path, model, optimizers, config: TrainConfig) -> tuple[int, dict | None]:
+    """-> (the step to go on from, the run's branched_from record if it is a branch)."""
+    path = out / CHECKPOINT
     if not path.exists():
         if config.init_from:  # weights only: a new run that starts where another model stands
             tensors = load_tensors(config.init_from)
             model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        return 0
+        return 0, None
     meta = read_meta(path)
     if meta["model_config"] != config.model.to_dict():
         raise CheckpointError(
             f"{path}: cannot resume, its model config {meta['model_config']} differs from the requested "
             f"{config.model.to_dict()}; use another --out or the same model flags"
         )
+    differ = resume_mismatches(meta.get("train_config", {}), config)
+    if differ:  # a resumed run must continue the same recipe, or it is not one run
+        listed = "; ".join(f"{name}: checkpoint {saved!r}, requested {asked!r}" for name, (saved, asked) in differ.items())
+        raise CheckpointError(f"{path}: cannot resume, the training config differs from the checkpoint's ({listed}); "
+                              f"pass the checkpoint's values, or use another --out")
     tensors = load_tensors(path)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     for name, opt in optimizers.items():
         _load_optimizer(f"optim.{name}", opt, tensors)
-    return int(meta["step"])
+    return int(meta["step"]), meta.get("branched_from")
 
 
 def _open_log(out: Path, resumed_step: int):
@@ -186,8 +212,12 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
     torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2)))
     torch.manual_seed(config.seed)  # weight init
     device = torch.device(config.device)
-    train_split = load_split(config.split, "train", data_dir)
-    valid_split = load_split(config.split, "validation", data_dir)
+    validate(config)
+    train_split = load_split(config.split, "train", data_dir, validation_alphabets=config.held_out_alphabets)
+    valid_split = load_split(config.split, "validation", data_dir, validation_alphabets=config.held_out_alphabets)
+    if "rot90" in config.augmentations:
+        train_split = rotated_classes(train_split)
+    jitter = "jitter" in config.augmentations
     valid_x, valid_q = nll_targets(valid_split)
     model = VCE(config.model)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -197,7 +227,7 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
         "convertor": torch.optim.Adam(model.convertor.parameters(), lr=config.lr),
         "reptile": torch.optim.Adam(model.parameters(), lr=config.reptile_inner_lr, betas=(0.0, 0.999)),
     }
-    start = _resume(out, model, optimizers, config)
+    start, branched_from = _resume(out, model, optimizers, config)
     model.to(device)
     for opt in optimizers.values():  # resumed optimiser state follows the parameters' device
         for state in opt.state.values():
@@ -210,12 +240,14 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
     t0 = last_save = time.perf_counter()
 
     def batch(episodes: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(torch.from_numpy(a).to(device, memory_format=memory_format)
-                     for a in sample_episodes(train_split, episodes, rng))
+        x, q = sample_episodes(train_split, episodes, rng)
+        if jitter:
+            x = jitter_drawings(x, rng)
+        return tuple(torch.from_numpy(a).to(device, memory_format=memory_format) for a in (x, q))
 
     def save(step: int, name: str = "checkpoint.safetensors", extra: dict | None = None) -> None:
         _save(out, model, optimizers, config, step, {"train_loss_recent_mean": float(np.mean(recent)), **(extra or {})},
-              name=name)
+              name=name, branched_from=branched_from)
 
     bar = tqdm(range(start, config.total_steps), initial=start, total=config.total_steps,
                disable=not progress, desc="train", dynamic_ncols=True)

@@ -126,15 +126,16 @@ def sem_over_characters(per_target, targets_per_character: int) -> float:
 
 
 def load_targets(split: str, part: str, data_dir: str | os.PathLike | None = None, all_drawings: bool = False,
-                 limit: int | None = None, every: int = 1):
+                 limit: int | None = None, every: int = 1, validation_alphabets: tuple[str, ...] | None = None):
     """The protocol's (x, q) pairs of one Omniglot split part: of every `every`-th character
     (characters are sorted by alphabet, so a subset still spans every alphabet), the first
-    `limit` of them. Returns (the whole Split, x, q)."""
+    `limit` of them. validation_alphabets: as vce_deploy.omniglot.load_split's (None: the
+    split's own). Returns (the whole Split, x, q)."""
     from .omniglot import Split, load_split, nll_targets
 
     if every < 1:
         raise ValueError(f"every: expected a positive number of characters, got {every}")
-    images = load_split(split, part, data_dir)
+    images = load_split(split, part, data_dir, validation_alphabets=validation_alphabets)
     x, q = nll_targets(Split(images.images[::every], images.names[::every]), all_drawings=all_drawings)
     return images, x[:limit], q[:limit]
 

@@ -1,0 +1,199 @@
+"""Recipe ablations at equal budget, scored on the validation alphabets (issue 21's table).
+
+    python -m train.ablate --from TRUNK.safetensors --steps 1000 2000 --k 200 --out runs/ablate
+
+Every row branches (train.train.branch) from the same trunk state and trains the same number
+of pairs with the same seed; rows differ only in what the row names (an augmentation, the
+final loss, episodes per step, the learning rate). Rows are trained in rounds: all of them to
+the first --steps milestone, each scored, then all to the next, so the table shows whether
+the order holds as the budget grows. The score is train.evaluate's one-shot NLL on all the
+validation alphabets' targets (mean, SE over characters); the test alphabets are never read.
+The table goes to docs/results.md between this module's markers.
+
+Resumable: a row already at a milestone is not trained again, a score computed with the same
+settings and weights is read back from the row's directory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from vce_deploy.checkpoint import atomic_write_bytes, read_meta
+from vce_deploy.errors import CheckpointError
+from vce_deploy.omniglot import targets_per_character
+
+from .config import TrainConfig, validate
+from .table1 import write_section
+from .train import CHECKPOINT, branch
+
+SECTION_BEGIN = "<!-- ablate:begin (written by python -m train.ablate; edits inside are overwritten) -->"
+SECTION_END = "<!-- ablate:end -->"
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    label: str
+    changes: dict = field(default_factory=dict)  # TrainConfig fields the row sets
+    steps_per_pair_budget: int = 1  # episodes per step: the row takes 1/this many steps for the same pairs
+
+
+ROWS = (
+    Row("none", "no augmentation", {"augment": ""}),
+    Row("rot90", "class augmentation (rot90)", {"augment": "rot90"}),
+    Row("jitter", "per-drawing jitter of the targets", {"augment": "jitter"}),
+    Row("rot90_jitter", "rot90 + jitter", {"augment": "rot90,jitter"}),
+    Row("lmvae_sigma0", "rot90, final loss LMVAE σ = 0", {"augment": "rot90", "final_loss": "lmvae", "sigma": 0.0}),
+    Row("episodes4", "rot90, 4 characters a step (1/4 the steps)", {"augment": "rot90", "episodes_per_step": 4}, 4),
+    Row("lr_quarter", "rot90, lr / 4", {"augment": "rot90", "lr_scale": 0.25}),
+)
+
+
+def row_config(trunk_meta: dict, row: Row, pairs_steps: int) -> TrainConfig:
+    """The trunk's recipe with the row's changes, as a final stage that starts at the trunk's
+    step and lasts `pairs_steps` one-episode steps' worth of pairs, at a constant rate (the
+    trunk's rate at the branch point, times the row's lr_scale)."""
+    trunk = TrainConfig.from_dict(trunk_meta["train_config"])
+    step = int(trunk_meta["step"])
+    if step < trunk.reptile_steps:
+        raise CheckpointError(f"expected a trunk past its {trunk.reptile_steps} Reptile steps, got step {step}")
+    changes = dict(row.changes)
+    lr = trunk.lr_at(step) * changes.pop("lr_scale", 1.0)
+    changes.setdefault("final_loss", "vae")
+    if pairs_steps % row.steps_per_pair_budget:
+        raise ValueError(f"--steps {pairs_steps}: expected a multiple of {row.steps_per_pair_budget} for row {row.name}")
+    config = replace(trunk, vae_steps=step - trunk.reptile_steps, final_steps=pairs_steps // row.steps_per_pair_budget,
+                     lr=lr, lr_schedule="constant", validate_every=0, **changes)
+    validate(config)
+    return config
+
+
+def prepare(trunk: Path, run_dir: Path, config: TrainConfig) -> int:
+    """Branch the row unless its directory already holds it; -> the row's current step."""
+    checkpoint = run_dir / CHECKPOINT
+    if not checkpoint.is_file():
+        branch(trunk, run_dir, config)
+    meta = read_meta(checkpoint)
+    if meta.get("branched_from", {}).get("step") != read_meta(trunk)["step"]:
+        raise CheckpointError(f"{checkpoint}: not a branch of {trunk}; use another --out or remove {run_dir}")
+    return int(meta["step"])
+
+
+def score(run_dir: Path, x, q, settings: dict, batch_size: int) -> dict:
+    """The row's validation NLL at its current step, cached in run_dir/nll_validation_<step>.json."""
+    from vce_deploy.nll import load_evaluable, one_shot_nll, sem_over_characters
+
+    step = read_meta(run_dir / CHECKPOINT)["step"]
+    cache = run_dir / f"nll_validation_{step:07d}.json"
+    settings = dict(settings, step=step)
+    if cache.is_file():
+        record = json.loads(cache.read_text())
+        if record.get("settings") == settings:
+            return record
+    converter, _ = load_evaluable(run_dir / CHECKPOINT, threads=1)
+    t0 = time.perf_counter()
+    result = one_shot_nll(converter, x, q, k=settings["k"], seed=settings["seed"], batch_size=batch_size)
+    result["nll_sem_characters"] = sem_over_characters(result["nll_per_target"], targets_per_character(False))
+    record = {"settings": settings, "seconds": time.perf_counter() - t0,
+              **{k: v for k, v in result.items() if k != "nll_per_target"}, "nll_per_target": result["nll_per_target"]}
+    atomic_write_bytes(cache, (json.dumps(record) + "\n").encode())
+    return record
+
+
+def markdown(rows: list[Row], scores: dict[str, dict[int, dict]], milestones: list[int], trunk: Path,
+             trunk_meta: dict, command: str, machine: str) -> str:
+    trunk_config = TrainConfig.from_dict(trunk_meta["train_config"])
+    held_out = (f"the alphabets {', '.join(trunk_config.held_out_alphabets)}" if trunk_config.held_out_alphabets
+                else "one character in ten of each training alphabet")
+    first = next(iter(next(iter(scores.values())).values()))
+    best = min(rows, key=lambda r: scores[r.name][milestones[-1]]["nll_mean"]) if all(
+        milestones[-1] in scores[r.name] for r in rows) else None
+    head = "| row | " + " | ".join(f"NLL after {m:,} steps' pairs" for m in milestones) + " | rank at each |"
+    lines = [SECTION_BEGIN, "## Recipe ablations on the validation alphabets (train.ablate)", "",
+             f"One-shot NLL in nats on the {first['targets']} targets of the validation part "
+             f"({held_out}), never trained on; K = {first['k']} "
+             f"importance samples, mean ± SE over characters. Every row branches from the same trunk "
+             f"(`{trunk}`, step {trunk_meta['step']}: recipe `augment={trunk_config.augment or 'none'}`, lr "
+             f"{trunk_config.lr_at(trunk_meta['step']):g} at the branch point) and trains the same number of "
+             f"pairs (19 a character) with seed {trunk_config.seed}, at a constant rate.", "",
+             head, "|---|" + "---|" * (len(milestones) + 1)]
+    ranks = {m: sorted((r for r in rows if m in scores[r.name]), key=lambda r: scores[r.name][m]["nll_mean"])
+             for m in milestones}
+    for row in rows:
+        cells = [f"{scores[row.name][m]['nll_mean']:.2f} ± {scores[row.name][m]['nll_sem_characters']:.2f}"
+                 if m in scores[row.name] else "not run" for m in milestones]
+        order = " / ".join(str(ranks[m].index(row) + 1) if row in ranks[m] else "-" for m in milestones)
+        lines.append(f"| {row.label} (`{row.name}`) | " + " | ".join(cells) + f" | {order} |")
+    lines += ["", f"Command: `{command}`, on {machine}, one thread, beside the campaign and other jobs "
+              "(wall times are not comparable; steps are)."]
+    if best is not None:
+        lines += ["", f"Lowest after {milestones[-1]:,} steps' pairs: **{best.label}**."]
+    lines += ["", SECTION_END, ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.ablate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--from", dest="trunk", required=True, help="trunk checkpoint every row branches from")
+    parser.add_argument("--steps", type=int, nargs="+", required=True,
+                        help="milestones, in one-episode steps' worth of pairs; every row is scored at each")
+    parser.add_argument("--k", type=int, default=200, help="importance samples per NLL target")
+    parser.add_argument("--out", required=True, help="one run directory per row goes here")
+    parser.add_argument("--rows", default=",".join(r.name for r in ROWS), help="comma-separated subset of rows")
+    parser.add_argument("--docs", default="docs", help="results.md goes here")
+    parser.add_argument("--seed", type=int, default=0, help="NLL noise seed")
+    parser.add_argument("--batch-size", type=int, default=1000, help="convertor batch for the NLL")
+    parser.add_argument("--data-dir", default=None, help="folder with the Omniglot zips")
+    args = parser.parse_args(argv)
+    by_name = {r.name: r for r in ROWS}
+    unknown = [n for n in args.rows.split(",") if n not in by_name]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; expected some of {list(by_name)}")
+    rows = [by_name[n] for n in args.rows.split(",")]
+    milestones = sorted(set(args.steps))
+
+    from vce_deploy.nll import load_targets
+    from vce_deploy.cpu import this_cpu
+
+    from .train import train
+
+    trunk, out = Path(args.trunk), Path(args.out)
+    try:
+        if not trunk.is_file():
+            raise CheckpointError(f"{trunk}: expected a trunk checkpoint, but it does not exist")
+        trunk_meta = read_meta(trunk)
+        trunk_config = TrainConfig.from_dict(trunk_meta["train_config"])
+        split, x, q = load_targets(trunk_config.split, "validation", args.data_dir, False, None, 1,
+                                   validation_alphabets=trunk_config.held_out_alphabets)
+        scores: dict[str, dict[int, dict]] = {row.name: {} for row in rows}
+        settings = {"k": args.k, "seed": args.seed, "targets": len(x)}
+        for milestone in milestones:
+            for row in rows:
+                config = row_config(trunk_meta, row, milestone)
+                run_dir = out / row.name
+                at = prepare(trunk, run_dir, config)
+                if at < config.total_steps:
+                    train(config, run_dir, data_dir=args.data_dir, progress=False)
+                record = score(run_dir, x, q, settings, args.batch_size)
+                scores[row.name][milestone] = record
+                print(f"[{row.name}] {milestone} steps' pairs: validation NLL {record['nll_mean']:.2f} ± "
+                      f"{record['nll_sem_characters']:.2f} ({record['seconds']:.0f} s)", flush=True)
+                command = "python -m train.ablate " + " ".join(argv if argv is not None else sys.argv[1:])
+                write_section(Path(args.docs) / "results.md",
+                              markdown(rows, scores, milestones, trunk, trunk_meta, command, this_cpu().describe()),
+                              SECTION_BEGIN, SECTION_END)
+    except (CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    summary = {name: {m: {k: v for k, v in r.items() if k != "nll_per_target"} for m, r in by_m.items()}
+               for name, by_m in scores.items()}
+    atomic_write_bytes(out / "ablate.json", (json.dumps(summary, indent=2) + "\n").encode())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
