@@ -109,7 +109,8 @@ def test_score_on_a_checkpoint(smoke_checkpoint, small_test, tiny_judge, tmp_pat
     assert result["protocol"]["characters"] == len(range(0, len(small_test), 15))
     assert set(result["variations"]) == {"0.5", "1"}
     for row in result["variations"].values():
-        assert all(0 <= row[form]["top1"] <= 1 for form in fidelity.FORMS) and 0 <= row["blanks"] <= 1
+        assert all(0 <= row[form]["top1"] <= 1 and row[form]["top1_se"] >= 0 for form in fidelity.FORMS)
+        assert 0 <= row["blanks"] <= 1
     assert 0 < ref["real_redraw_iou_condition"] < 1 and ref["real_redraw_top1"] >= 0
     assert set(result["decomposition"]) == {"posterior_mean", "posterior_sample", "prior_sample", "zero",
                                             "other_character_posterior"}
