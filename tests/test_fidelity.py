@@ -13,7 +13,7 @@ from train import fidelity
 from train.fidelity import (CONDITION_DRAWINGS, HELD_OUT_DRAWINGS, FidelityError, Judge, JudgeConfig,
                             frechet_distance, frechet_gaussians, iou, judge_key, mean_pairwise_iou, prior_hole)
 
-TINY = JudgeConfig(channels=(8, 16), features=16, steps=40)
+TINY = JudgeConfig(channels=(8, 16), features=16, steps=20)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_score_on_a_checkpoint(smoke_checkpoint, small_test, tiny_judge, tmp_pat
 def test_cli_json_grid_and_bad_input(smoke_bundle, judge_dir, tmp_path, capsys):
     out, grid = tmp_path / "r.json", tmp_path / "g.png"
     common = ["--split", "small", "--n", "2", "--every", "30", "--temperatures", "1.0",
-              "--judge-cache", str(judge_dir), "--judge-steps", "40", "--judge-channels", "8", "16", "--judge-features", "16"]
+              "--judge-cache", str(judge_dir), "--judge-steps", "20", "--judge-channels", "8", "16", "--judge-features", "16"]
     assert fidelity.main([str(smoke_bundle), *common, "--json", str(out), "--grid", str(grid)]) == 0
     from PIL import Image
 
