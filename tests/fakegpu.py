@@ -138,6 +138,7 @@ class FakeTensorRT(types.ModuleType):
 
     class BuilderFlag:
         VERSION_COMPATIBLE = "version_compatible"
+        TF32 = "tf32"  # set by default in a new builder config, as in TensorRT 10
 
     class HardwareCompatibilityLevel:
         AMPERE_PLUS = "ampere_plus"
@@ -211,7 +212,8 @@ class FakeTensorRT(types.ModuleType):
 
         class Config:
             def __init__(self):
-                self.profile, self.flags, self.hardware_compatibility_level = None, [], None
+                # TensorRT 10 turns TF32 on in every new config: fp32 layers may round to TF32
+                self.profile, self.flags, self.hardware_compatibility_level = None, ["tf32"], None
                 self.timing_cache = None
 
             def set_memory_pool_limit(self, pool, size):
@@ -219,6 +221,12 @@ class FakeTensorRT(types.ModuleType):
 
             def set_flag(self, flag):
                 self.flags.append(flag)
+
+            def clear_flag(self, flag):
+                self.flags = [f for f in self.flags if f != flag]
+
+            def get_flag(self, flag):
+                return flag in self.flags
 
             def add_optimization_profile(self, profile):
                 self.profile = profile
