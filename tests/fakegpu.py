@@ -356,3 +356,62 @@ def install(monkeypatch, devices=(("NVIDIA Jetson AGX Orin", 8, 7),), version="1
     monkeypatch.setattr(cuda, "runtime", lambda: cudart)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     return cudart, trt
+
+
+class FakeCupy(types.ModuleType):
+    """The parts of CuPy DeviceLatentSampler uses, modelling what hid issue 25's noise bugs:
+    a generator keeps one state per GPU thread (one per value drawn), so a draw's numbers
+    depend on its size, and every generator set-up and draw records the stream it ran on."""
+
+    def __init__(self):
+        super().__init__("cupy")
+        fake = self
+        self.float32 = np.float32
+        self.events: list[tuple[str, str]] = []  # (what, stream name)
+        self._streams = ["null"]
+        self.concatenate, self.ascontiguousarray = np.concatenate, np.ascontiguousarray
+
+        def empty(shape, dtype=np.float32):
+            return np.empty(shape, dtype)
+        self.empty = empty
+
+        class Stream:
+            def __init__(self, name):
+                self.name = name
+
+            def __enter__(self):
+                fake._streams.append(self.name)
+
+            def __exit__(self, *exc):
+                fake._streams.pop()
+
+        class Device:
+            def __init__(self, index):
+                self.index = index
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return None
+
+        class Philox4x3210:
+            def __init__(self, seed):
+                self.seed = int(seed)
+                fake.events.append(("seed", fake._streams[-1]))
+
+        class Generator:
+            def __init__(self, bit_generator):
+                self.bit, self.calls = bit_generator, 0
+
+            def standard_normal(self, shape, dtype=np.float32):
+                fake.events.append(("draw", fake._streams[-1]))
+                size = int(np.prod(shape))
+                # one state per thread of a launch of `size` threads: the numbers depend on the size
+                values = np.random.default_rng((self.bit.seed, size, self.calls)).standard_normal(size)
+                self.calls += 1
+                return values.astype(dtype).reshape(shape)
+
+        self.cuda = types.SimpleNamespace(Device=Device, ExternalStream=lambda handle, device=None: Stream(f"ext{handle}"),
+                                          Stream=Stream)
+        self.random = types.SimpleNamespace(Generator=Generator, Philox4x3210=Philox4x3210)

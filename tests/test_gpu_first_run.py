@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import fakegpu
@@ -48,3 +49,38 @@ def test_hardware_compatible_engines_are_keyed_by_platform(shared_bundle, cache,
     fakegpu.install(monkeypatch, devices=[("NVIDIA GH200", 9, 0)])
     with pytest.raises(BackendError, match="only for trt-10.3.0/ampere-plus-x86_64"):
         Converter.load(shared_bundle, backend="tensorrt", precision="fp16")
+
+
+def device_sampler(monkeypatch, seed):
+    from vce_deploy.backends import cuda
+
+    fake = fakegpu.FakeCupy()
+    monkeypatch.setattr(cuda, "cupy_or_none", lambda: fake)
+    return fake, cuda.DeviceLatentSampler(seed, 0)
+
+
+def test_device_noise_is_the_same_whatever_the_chunking(monkeypatch):
+    _, whole = device_sampler(monkeypatch, 7)
+    one = whole.draw(300, 56, 1.0)  # what convert draws: every row at once
+    _, chunked = device_sampler(monkeypatch, 7)
+    parts = [chunked.draw(count, 56, 1.0) for count in (64, 200, 36)]  # what convert_iter draws
+    np.testing.assert_array_equal(np.concatenate(parts), one)
+    _, other = device_sampler(monkeypatch, 8)
+    assert not np.array_equal(other.draw(300, 56, 1.0), one)
+
+
+def test_device_noise_is_set_up_and_drawn_on_the_callers_stream(monkeypatch):
+    fake, sampler = device_sampler(monkeypatch, 0)
+    with fake.cuda.ExternalStream(1234, 0):  # what the TensorRT backend enters (its runner's stream)
+        sampler.draw(10, 56, 0.5)
+    assert fake.events and {stream for _, stream in fake.events} == {"ext1234"}, fake.events
+
+
+def test_cupy_hint_names_the_wheel_for_the_cuda_major(monkeypatch):
+    from vce_deploy.backends import cuda
+
+    cudart, _ = fakegpu.install(monkeypatch)
+    monkeypatch.setattr(cudart, "cudaDriverGetVersion", lambda: (cudart.cudaError_t.cudaSuccess, 13000), raising=False)
+    monkeypatch.setattr(cuda, "cupy_or_none", lambda: None)
+    with pytest.raises(BackendError, match=r"pip install cupy-cuda13x\)"):
+        cuda.DeviceLatentSampler(0, 0)
