@@ -84,3 +84,33 @@ def test_cupy_hint_names_the_wheel_for_the_cuda_major(monkeypatch):
     monkeypatch.setattr(cuda, "cupy_or_none", lambda: None)
     with pytest.raises(BackendError, match=r"pip install cupy-cuda13x\)"):
         cuda.DeviceLatentSampler(0, 0)
+
+
+def test_ort_tensorrt_provider_gets_one_profile_per_graph_and_chunks_fit_it(cache, monkeypatch):  # noqa: F811
+    from test_edge import _OrtWithGpuProviders, glyphs
+    from vce_deploy.backends import onnxruntime as ort_backend
+
+    fakegpu.install(monkeypatch)
+    fake = _OrtWithGpuProviders()
+    monkeypatch.setattr(ort_backend, "_ort", lambda: fake)
+    converter = Converter.load(backend="onnxruntime", device="cuda:0")
+    convertor_trt = fake.requested[1][0][1]
+    assert convertor_trt["trt_profile_max_shapes"] == "z:256x56,q:256x1x28x28"
+    assert convertor_trt["trt_profile_min_shapes"] == "z:1x56,q:1x1x28x28"
+    assert converter.backend.max_batch_limit == 256  # no chunk beyond the profile: no rebuild
+    assert converter.convert(glyphs(1), n=2, seed=0).shape == (1, 2, 28, 28)
+
+
+def test_auto_picks_torch_on_cuda_without_tensorrt_or_onnxruntime_gpu(monkeypatch):
+    import sys
+
+    import torch
+
+    from vce_deploy.backends import BACKENDS, auto, cuda
+    from vce_deploy.bundle import DEFAULT_BUNDLE, Bundle
+
+    monkeypatch.setattr(cuda, "gpu_visible", lambda root=None: True)  # a GPU, CUDA PyTorch ...
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # ... no TensorRT, CPU-only onnxruntime
+    cls, precision, why = auto.choose(BACKENDS, Bundle.load(DEFAULT_BUNDLE), "auto", "auto", None)
+    assert (cls.name, precision, cls.resolve_device(None)) == ("torch", "fp32", "cuda:0"), why

@@ -83,6 +83,18 @@ class TorchBackend(Backend):
     precisions = ("fp32",)
 
     @classmethod
+    def resolve_device(cls, device):
+        """cuda:0 where a GPU is visible and this PyTorch has CUDA; torch is imported only then."""
+        if device is not None:
+            return device
+        if not cuda.gpu_visible():
+            return "cpu"
+        try:
+            return "cuda:0" if _torch().cuda.is_available() else "cpu"
+        except BackendError:
+            return "cpu"
+
+    @classmethod
     def unavailable(cls, bundle, precision, device):
         if precision != "fp32":
             return BackendError(f"the torch backend runs the checkpoint at fp32 only, got precision {precision!r}")
