@@ -10,6 +10,7 @@ latent_dim pixels of x + q, logvar = -mu.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import json
@@ -415,3 +416,82 @@ class FakeCupy(types.ModuleType):
         self.cuda = types.SimpleNamespace(Device=Device, ExternalStream=lambda handle, device=None: Stream(f"ext{handle}"),
                                           Stream=Stream)
         self.random = types.SimpleNamespace(Generator=Generator, Philox4x3210=Philox4x3210)
+
+
+class FakeTorchStreams(types.SimpleNamespace):
+    """Enough of torch.cuda for GraphRunner, modelling stream ordering: each stream runs its own
+    work in order, and work on stream B is after stream A's only once B waited on A. A write
+    into a static input that is not ordered after every earlier replay is a race (`races`).
+    TF32 flags start as PyTorch's CUDA defaults (cuDNN TF32 on)."""
+
+    def __init__(self):
+        fake = self
+        self.races: list[str] = []
+        self.replays: list[tuple[str, int]] = []  # (stream, its op index) of every replay
+        self.waited: dict[str, dict[str, int]] = {}  # stream -> {other: ops of other it waited for}
+        self.ops: dict[str, int] = {}  # stream -> ops enqueued so far
+        self.current = ["default"]
+
+        def ordered_after(stream, other, index):
+            return stream == other or self.waited.get(stream, {}).get(other, -1) > index
+
+        class Tensor:
+            def __init__(self, value=None):
+                self.value = value
+
+            def clone(self):
+                fake._op()
+                return Tensor(self.value)
+
+            def copy_(self, other, non_blocking=False):
+                here = fake.current[-1]
+                for stream, index in fake.replays:
+                    if not ordered_after(here, stream, index):
+                        fake.races.append(f"input written on {here} during a replay on {stream}")
+                fake._op()
+                self.value = other.value
+
+            def record_stream(self, stream):
+                pass
+
+        class Stream:
+            count = 0
+
+            def __init__(self, name=None):
+                Stream.count += 1
+                self.name = name or f"stream{Stream.count}"
+
+            def wait_stream(self, other):
+                fake.waited.setdefault(self.name, {})[other.name] = fake.ops.get(other.name, 0)
+
+        class StreamContext:
+            def __init__(self, stream):
+                self.stream = stream
+
+            def __enter__(self):
+                fake.current.append(self.stream.name)
+
+            def __exit__(self, *exc):
+                fake.current.pop()
+
+        class CUDAGraph:
+            def replay(self):
+                here = fake.current[-1]
+                fake.replays.append((here, fake.ops.get(here, 0)))
+                fake._op()
+
+        self.Tensor = Tensor
+        self.cuda = types.SimpleNamespace(
+            Stream=Stream, stream=StreamContext, current_stream=lambda: Stream(fake.current[-1]),
+            CUDAGraph=CUDAGraph, graph=lambda graph, **kw: contextlib.nullcontext())
+        self.inference_mode = contextlib.nullcontext
+        self.backends = types.SimpleNamespace(cuda=types.SimpleNamespace(matmul=types.SimpleNamespace(allow_tf32=True)),
+                                              cudnn=types.SimpleNamespace(allow_tf32=True))
+        self.float32_matmul_precision = "high"
+
+    def set_float32_matmul_precision(self, value):
+        self.float32_matmul_precision = value
+
+    def _op(self):
+        here = self.current[-1]
+        self.ops[here] = self.ops.get(here, 0) + 1

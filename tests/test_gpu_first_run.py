@@ -4,6 +4,7 @@ version-compatibility pairs and platforms. No GPU here: not run on a GPU."""
 from __future__ import annotations
 
 import json
+import types
 
 import numpy as np
 import pytest
@@ -114,3 +115,27 @@ def test_auto_picks_torch_on_cuda_without_tensorrt_or_onnxruntime_gpu(monkeypatc
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # ... no TensorRT, CPU-only onnxruntime
     cls, precision, why = auto.choose(BACKENDS, Bundle.load(DEFAULT_BUNDLE), "auto", "auto", None)
     assert (cls.name, precision, cls.resolve_device(None)) == ("torch", "fp32", "cuda:0"), why
+
+
+def test_graph_replays_from_two_callers_streams_never_race_on_the_static_inputs():
+    from vce_deploy.backends.torch import GraphRunner
+
+    torch = fakegpu.FakeTorchStreams()
+    runner = GraphRunner(torch, lambda z: {"y": torch.Tensor(z.value)}, {"z": torch.Tensor(0)})
+    for name, value in (("callerA", 1), ("callerB", 2), ("callerA", 3)):  # callers' own streams
+        with torch.cuda.stream(torch.cuda.Stream(name)):
+            runner({"z": torch.Tensor(value)})
+    assert torch.replays and not torch.races, torch.races
+
+
+def test_torch_on_cuda_turns_tf32_off_for_fp32_parity(monkeypatch):
+    from vce_deploy.backends import cuda
+    from vce_deploy.backends.torch import TorchBackend
+
+    torch = fakegpu.FakeTorchStreams()
+    monkeypatch.setattr(cuda, "cupy_or_none", lambda: None)
+    backend = TorchBackend.__new__(TorchBackend)
+    backend.device = "cuda:0"
+    backend._use(torch, types.SimpleNamespace(eval=lambda: None), None, "test", cuda_graphs=True)
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.float32_matmul_precision == "highest"
