@@ -139,3 +139,25 @@ def test_torch_on_cuda_turns_tf32_off_for_fp32_parity(monkeypatch):
     backend._use(torch, types.SimpleNamespace(eval=lambda: None), None, "test", cuda_graphs=True)
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
     assert torch.float32_matmul_precision == "highest"
+
+
+def test_gpu_session_dry_run_brings_back_one_archive_and_the_check(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    env = dict(os.environ, VCE_SESSION_DRY="1", PYTHON=sys.executable, TRAIN_S="2", SESSION_S="200",
+               RUN_DIR=str(tmp_path / "runs" / "session"), OMP_NUM_THREADS="1")
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu_session.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    log = (out / "session.log").read_text() if (out / "session.log").exists() else ""
+    assert done.returncode == 0, done.stdout[-2000:] + log[-3000:]
+    files = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert files == ["gpu_check.json", "gpu_check.md", "session.log", "train_run.tar.gz"]  # at most 8 come back
+    with tarfile.open(out / "train_run.tar.gz") as archive:
+        names = archive.getnames()
+    assert "session/checkpoint.safetensors" in names and "session/checkpoint.json" in names, names
