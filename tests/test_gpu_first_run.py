@@ -161,3 +161,26 @@ def test_gpu_session_dry_run_brings_back_one_archive_and_the_check(tmp_path):
     with tarfile.open(out / "train_run.tar.gz") as archive:
         names = archive.getnames()
     assert "session/checkpoint.safetensors" in names and "session/checkpoint.json" in names, names
+
+
+def test_loss_terms_stay_on_the_device_until_read(monkeypatch):
+    import torch
+
+    from train import device_step
+    from train.losses import lmvae_loss, vae_loss
+    from vce_deploy.model import VCE, ModelConfig
+
+    model = VCE(ModelConfig(channels=4, blocks=1))
+    x = (torch.rand(3, 1, 28, 28) < 0.3).float()
+    q = (torch.rand(3, 1, 28, 28) < 0.3).float()
+
+    def no_sync(self):
+        raise AssertionError(".item() in a training step: a host sync per term")
+
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    eager = vae_loss(model, x, q, torch.Generator().manual_seed(0))
+    lm = lmvae_loss(model, x, q, generator=torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    assert all(isinstance(v, torch.Tensor) and not v.requires_grad for v in {**eager.terms, **lm.terms}.values())
+    read = device_step.read_terms(eager.terms)
+    assert read["loss"] == pytest.approx(float(eager.encoder)) and read["kl"] + read["con"] == pytest.approx(read["loss"], rel=1e-5)
