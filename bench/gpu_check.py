@@ -107,10 +107,14 @@ def parity(device: str, bundle: Bundle) -> dict:
             Converter.load(bundle.path, backend="torch", device="cpu") as on_cpu:
         got, reference = run_golden(on_device, golden), run_golden(on_cpu, golden)
         backend = on_device.backend_info.detail
+    import torch  # the torch backend turned TF32 off on CUDA (strict_fp32): parity at 1e-4 needs it off
+
+    tf32 = {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
     diffs = {name: float(np.max(np.abs(got[name] - reference[name]))) for name in reference}
     within_golden, golden_errors, _ = compare("fp32", got, golden)
-    ok = max(diffs.values()) <= PARITY_TARGET and within_golden
-    return {"status": "ok" if ok else "FAILED", "target": PARITY_TARGET, "max_abs_diff_vs_cpu_fp32": diffs,
+    tf32_on = device.startswith("cuda") and any(tf32.values())
+    ok = max(diffs.values()) <= PARITY_TARGET and within_golden and not tf32_on
+    return {"status": "ok" if ok else "FAILED", "target": PARITY_TARGET, "tf32": tf32, "max_abs_diff_vs_cpu_fp32": diffs,
             "max_abs_diff_vs_golden": golden_errors, "glyph_pairs": golden.count, "backend": backend}
 
 
@@ -279,6 +283,10 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible to PyTorch; `--device cpu` runs the dry mode", file=sys.stderr)
         return 2
+    if args.device.startswith("cuda"):
+        from vce_deploy.backends.torch import strict_fp32
+
+        strict_fp32(torch)  # before any section: every fp32 figure here is true fp32, not TF32
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bundle = Bundle.load(args.bundle or DEFAULT_BUNDLE)

@@ -10,6 +10,7 @@ latent_dim pixels of x + q, logvar = -mu.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import json
@@ -138,6 +139,7 @@ class FakeTensorRT(types.ModuleType):
 
     class BuilderFlag:
         VERSION_COMPATIBLE = "version_compatible"
+        TF32 = "tf32"  # set by default in a new builder config, as in TensorRT 10
 
     class HardwareCompatibilityLevel:
         AMPERE_PLUS = "ampere_plus"
@@ -211,7 +213,8 @@ class FakeTensorRT(types.ModuleType):
 
         class Config:
             def __init__(self):
-                self.profile, self.flags, self.hardware_compatibility_level = None, [], None
+                # TensorRT 10 turns TF32 on in every new config: fp32 layers may round to TF32
+                self.profile, self.flags, self.hardware_compatibility_level = None, ["tf32"], None
                 self.timing_cache = None
 
             def set_memory_pool_limit(self, pool, size):
@@ -219,6 +222,12 @@ class FakeTensorRT(types.ModuleType):
 
             def set_flag(self, flag):
                 self.flags.append(flag)
+
+            def clear_flag(self, flag):
+                self.flags = [f for f in self.flags if f != flag]
+
+            def get_flag(self, flag):
+                return flag in self.flags
 
             def add_optimization_profile(self, profile):
                 self.profile = profile
@@ -348,3 +357,141 @@ def install(monkeypatch, devices=(("NVIDIA Jetson AGX Orin", 8, 7),), version="1
     monkeypatch.setattr(cuda, "runtime", lambda: cudart)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     return cudart, trt
+
+
+class FakeCupy(types.ModuleType):
+    """The parts of CuPy DeviceLatentSampler uses, modelling what hid issue 25's noise bugs:
+    a generator keeps one state per GPU thread (one per value drawn), so a draw's numbers
+    depend on its size, and every generator set-up and draw records the stream it ran on."""
+
+    def __init__(self):
+        super().__init__("cupy")
+        fake = self
+        self.float32 = np.float32
+        self.events: list[tuple[str, str]] = []  # (what, stream name)
+        self._streams = ["null"]
+        self.concatenate, self.ascontiguousarray = np.concatenate, np.ascontiguousarray
+
+        def empty(shape, dtype=np.float32):
+            return np.empty(shape, dtype)
+        self.empty = empty
+
+        class Stream:
+            def __init__(self, name):
+                self.name = name
+
+            def __enter__(self):
+                fake._streams.append(self.name)
+
+            def __exit__(self, *exc):
+                fake._streams.pop()
+
+        class Device:
+            def __init__(self, index):
+                self.index = index
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return None
+
+        class Philox4x3210:
+            def __init__(self, seed):
+                self.seed = int(seed)
+                fake.events.append(("seed", fake._streams[-1]))
+
+        class Generator:
+            def __init__(self, bit_generator):
+                self.bit, self.calls = bit_generator, 0
+
+            def standard_normal(self, shape, dtype=np.float32):
+                fake.events.append(("draw", fake._streams[-1]))
+                size = int(np.prod(shape))
+                # one state per thread of a launch of `size` threads: the numbers depend on the size
+                values = np.random.default_rng((self.bit.seed, size, self.calls)).standard_normal(size)
+                self.calls += 1
+                return values.astype(dtype).reshape(shape)
+
+        self.cuda = types.SimpleNamespace(Device=Device, ExternalStream=lambda handle, device=None: Stream(f"ext{handle}"),
+                                          Stream=Stream)
+        self.random = types.SimpleNamespace(Generator=Generator, Philox4x3210=Philox4x3210)
+
+
+class FakeTorchStreams(types.SimpleNamespace):
+    """Enough of torch.cuda for GraphRunner, modelling stream ordering: each stream runs its own
+    work in order, and work on stream B is after stream A's only once B waited on A. A write
+    into a static input that is not ordered after every earlier replay is a race (`races`).
+    TF32 flags start as PyTorch's CUDA defaults (cuDNN TF32 on)."""
+
+    def __init__(self):
+        fake = self
+        self.races: list[str] = []
+        self.replays: list[tuple[str, int]] = []  # (stream, its op index) of every replay
+        self.waited: dict[str, dict[str, int]] = {}  # stream -> {other: ops of other it waited for}
+        self.ops: dict[str, int] = {}  # stream -> ops enqueued so far
+        self.current = ["default"]
+
+        def ordered_after(stream, other, index):
+            return stream == other or self.waited.get(stream, {}).get(other, -1) > index
+
+        class Tensor:
+            def __init__(self, value=None):
+                self.value = value
+
+            def clone(self):
+                fake._op()
+                return Tensor(self.value)
+
+            def copy_(self, other, non_blocking=False):
+                here = fake.current[-1]
+                for stream, index in fake.replays:
+                    if not ordered_after(here, stream, index):
+                        fake.races.append(f"input written on {here} during a replay on {stream}")
+                fake._op()
+                self.value = other.value
+
+            def record_stream(self, stream):
+                pass
+
+        class Stream:
+            count = 0
+
+            def __init__(self, name=None):
+                Stream.count += 1
+                self.name = name or f"stream{Stream.count}"
+
+            def wait_stream(self, other):
+                fake.waited.setdefault(self.name, {})[other.name] = fake.ops.get(other.name, 0)
+
+        class StreamContext:
+            def __init__(self, stream):
+                self.stream = stream
+
+            def __enter__(self):
+                fake.current.append(self.stream.name)
+
+            def __exit__(self, *exc):
+                fake.current.pop()
+
+        class CUDAGraph:
+            def replay(self):
+                here = fake.current[-1]
+                fake.replays.append((here, fake.ops.get(here, 0)))
+                fake._op()
+
+        self.Tensor = Tensor
+        self.cuda = types.SimpleNamespace(
+            Stream=Stream, stream=StreamContext, current_stream=lambda: Stream(fake.current[-1]),
+            CUDAGraph=CUDAGraph, graph=lambda graph, **kw: contextlib.nullcontext())
+        self.inference_mode = contextlib.nullcontext
+        self.backends = types.SimpleNamespace(cuda=types.SimpleNamespace(matmul=types.SimpleNamespace(allow_tf32=True)),
+                                              cudnn=types.SimpleNamespace(allow_tf32=True))
+        self.float32_matmul_precision = "high"
+
+    def set_float32_matmul_precision(self, value):
+        self.float32_matmul_precision = value
+
+    def _op(self):
+        here = self.current[-1]
+        self.ops[here] = self.ops.get(here, 0) + 1

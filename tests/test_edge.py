@@ -274,7 +274,10 @@ def test_ort_tensorrt_provider_caches_engines_and_timings_per_gpu(cache, monkeyp
     assert (trt_name, cuda_name, cpu) == ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
     where = cache / f"onnxruntime-{fake.__version__}" / "nvidia-jetson-agx-orin-sm87"
     assert options == {"device_id": 0, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(where),
-                       "trt_timing_cache_enable": True, "trt_timing_cache_path": str(where)}
+                       "trt_timing_cache_enable": True, "trt_timing_cache_path": str(where),
+                       "trt_profile_min_shapes": "x:1x1x28x28,q:1x1x28x28",  # the encoder's session first
+                       "trt_profile_opt_shapes": "x:64x1x28x28,q:64x1x28x28",
+                       "trt_profile_max_shapes": "x:256x1x28x28,q:256x1x28x28"}
     assert where.is_dir() and cuda_options == {"device_id": 0}
     assert converter.convert(glyphs(1), n=2, seed=0).shape == (1, 2, 28, 28)
 

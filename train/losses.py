@@ -66,7 +66,7 @@ class LossTerms:
 
     encoder: torch.Tensor
     convertor: torch.Tensor | None  # None: computed by convertor_after_encoder_step
-    terms: dict[str, float]
+    terms: dict[str, torch.Tensor]  # detached 0-d device tensors: read with device_step.read_terms
     convertor_after_encoder_step: Callable[[], torch.Tensor] | None = None
 
 
@@ -76,7 +76,7 @@ def vae_loss(model: VCE, x: torch.Tensor, q: torch.Tensor, generator=None) -> Lo
     logits = model.convertor.logits(reparameterize(mu, logvar, generator), q)
     l_kl, l_con = kl(mu, logvar), con(logits, x)
     total = l_kl + l_con
-    return LossTerms(total, total, {"kl": l_kl.item(), "con": l_con.item(), "loss": total.item()})
+    return LossTerms(total, total, {"kl": l_kl.detach(), "con": l_con.detach(), "loss": total.detach()})
 
 
 def lmvae_loss(model: VCE, x, q, margin: float = 50.0, sigma: float = 0.15, lam: float = 0.2, generator=None,
@@ -97,11 +97,11 @@ def lmvae_loss(model: VCE, x, q, margin: float = 50.0, sigma: float = 0.15, lam:
     recon = (1 - sigma) * l_con + sigma * l_reg
     mu_c, logvar_c = model.encoder(x_c.detach(), q)
     l_e = l_kl + lam * hinge(margin, mu_c, logvar_c, hinge_per_sample) + recon
-    terms = {"kl": l_kl.item(), "con": l_con.item(), "reg": l_reg.item(), "loss_e": l_e.item()}
+    terms = {"kl": l_kl.detach(), "con": l_con.detach(), "reg": l_reg.detach(), "loss_e": l_e.detach()}
 
     def convertor_objective() -> torch.Tensor:
         kl_c = kl(*model.encoder(x_c, q))
-        terms.update(kl_c=kl_c.item(), loss_c=(l_kl + lam * kl_c + recon).item())
+        terms.update(kl_c=kl_c.detach(), loss_c=(l_kl + lam * kl_c + recon).detach())
         return l_kl.detach() + lam * kl_c + recon  # KL(z) carries no convertor gradient
 
     if alternating:
@@ -124,12 +124,12 @@ def introvae_loss(model: VCE, x, q, margin: float = 50.0, alpha: float = 0.25, b
     l_kl, l_con = kl(mu, logvar), con(logits, x)
     critic = sum(hinge(margin, *model.encoder(x_j.detach(), q), hinge_per_sample) for x_j in (x_c, x_s))
     l_e = l_kl + alpha * critic + beta * l_con
-    terms = {"kl": l_kl.item(), "con": l_con.item(), "loss_e": l_e.item()}
+    terms = {"kl": l_kl.detach(), "con": l_con.detach(), "loss_e": l_e.detach()}
 
     def convertor_objective() -> torch.Tensor:
         kl_c, kl_s = kl(*model.encoder(x_c, q)), kl(*model.encoder(x_s, q))
         l_c = alpha * (kl_c + kl_s) + beta * l_con
-        terms.update(kl_c=kl_c.item(), kl_s=kl_s.item(), loss_c=l_c.item())
+        terms.update(kl_c=kl_c.detach(), kl_s=kl_s.detach(), loss_c=l_c.detach())
         return l_c
 
     if alternating:

@@ -25,6 +25,7 @@ from vce_deploy.model import VCE
 from vce_deploy.cpu import has_native_bf16
 from vce_deploy.omniglot import Split, load_split, nll_targets
 
+from . import device_step
 from .config import TrainConfig, resume_mismatches, validate
 from .data import jitter_drawings, rotated_classes, sample_episodes
 from .losses import LOSSES, LossTerms, vae_loss
@@ -222,13 +223,14 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
     model = VCE(config.model)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    model.to(device)  # before the optimisers: fused Adam needs its parameters on the GPU
+    device_step.prepare(device)
     optimizers = {
-        "encoder": torch.optim.Adam(model.encoder.parameters(), lr=config.lr),
-        "convertor": torch.optim.Adam(model.convertor.parameters(), lr=config.lr),
-        "reptile": torch.optim.Adam(model.parameters(), lr=config.reptile_inner_lr, betas=(0.0, 0.999)),
+        "encoder": device_step.adam(model.encoder.parameters(), device, lr=config.lr),
+        "convertor": device_step.adam(model.convertor.parameters(), device, lr=config.lr),
+        "reptile": device_step.adam(model.parameters(), device, lr=config.reptile_inner_lr, betas=(0.0, 0.999)),
     }
     start, branched_from = _resume(out, model, optimizers, config)
-    model.to(device)
     for opt in optimizers.values():  # resumed optimiser state follows the parameters' device
         for state in opt.state.values():
             for key, value in state.items():
@@ -246,7 +248,7 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
         return tuple(torch.from_numpy(a).to(device, memory_format=memory_format) for a in (x, q))
 
     def save(step: int, name: str = "checkpoint.safetensors", extra: dict | None = None) -> None:
-        _save(out, model, optimizers, config, step, {"train_loss_recent_mean": float(np.mean(recent)), **(extra or {})},
+        _save(out, model, optimizers, config, step, {"train_loss_recent_mean": device_step.mean(recent), **(extra or {})},
               name=name, branched_from=branched_from)
 
     bar = tqdm(range(start, config.total_steps), initial=start, total=config.total_steps,
@@ -275,13 +277,14 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
                 loss = vae_loss(model, x, q, gen) if stage == "vae" else step_fn(model, x, q, gen)
                 apply_gradients(model, loss, optimizers["encoder"], optimizers["convertor"])
         # log
-        headline = loss.terms.get("loss", loss.terms.get("loss_c"))
+        headline = loss.terms.get("loss", loss.terms.get("loss_c"))  # a device tensor: no sync here
         recent = (recent + [headline])[-100:]
         if step % config.log_every == 0 or step == config.total_steps - 1:
+            terms = device_step.read_terms(loss.terms)  # the one host read of the step's terms
             log.writerow({"step": step + 1, "stage": stage, "lr": lr, "seconds": round(time.perf_counter() - t0, 2),
-                          **{k: round(v, 4) for k, v in loss.terms.items()}})
+                          **{k: round(v, 4) for k, v in terms.items()}})
             log_handle.flush()
-            bar.set_postfix(stage=stage, **{k: f"{v:.1f}" for k, v in loss.terms.items() if k in ("kl", "con", "kl_c")})
+            bar.set_postfix(stage=stage, **{k: f"{v:.1f}" for k, v in terms.items() if k in ("kl", "con", "kl_c")})
         done = step + 1
         # samples, validation and checkpoint
         if done % config.sample_every == 0 or done == config.total_steps:
@@ -306,4 +309,4 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
     log_handle.close()
     bar.close()
     return {"steps": done, "of": config.total_steps, "resumed_from": start, "seconds": time.perf_counter() - t0,
-            "train_loss_recent_mean": float(np.mean(recent)) if recent else None}
+            "train_loss_recent_mean": device_step.mean(recent) if recent else None}

@@ -98,6 +98,12 @@ class EngineBuilder:
             raise BackendError("trt.Builder could not be created: no usable CUDA device for TensorRT")
         self.config = self.builder.create_builder_config()
         self.config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
+        # TensorRT sets TF32 in every new config: fp32 convolutions would round their inputs to
+        # 10-bit mantissas (about 1e-3 off the goldens); the fp32 parity bound is 1e-4. fp16/int8
+        # precision lives in the ONNX files (strongly typed), so clearing TF32 touches fp32 layers only.
+        tf32 = getattr(trt.BuilderFlag, "TF32", None)
+        if tf32 is not None:
+            self.config.clear_flag(tf32)
         if version_compatible:  # the plan carries its lean runtime: later TensorRT 10.x can run it
             self.config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
         if hardware_compatible:  # kernels that run on every Ampere-or-newer GPU (a little slower)

@@ -5,8 +5,9 @@ the bundle, so a read-only or shared bundle still gets engines (docs/edge.md).
       trt-10.3.0/nvidia-jetson-agx-orin-sm87/
         timing.cache                                   one per TensorRT version and GPU
         onnx-<sha256 of the ONNX file>/convertor.fp16.plan  + convertor.fp16.json (its record)
-      trt-10.x/...           version-compatible engines (any TensorRT at or after the builder's)
-      .../ampere-plus/...    hardware-compatible engines (any GPU of compute capability >= 8.0)
+      trt-10.x/...           version-compatible engines (a later 10.x, or the next major: 10 -> 11)
+      .../ampere-plus-x86_64/...  hardware-compatible engines (any GPU of compute capability >= 8.0
+                             on the same platform: an x86_64 plan never runs on an aarch64 Jetson)
 
 An engine is keyed by the sha256 of the ONNX file it was built from, so two bundles with the
 same graph share it and an engine can never be used for another graph. Its record holds the
@@ -17,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,24 @@ from .fsio import atomic_write_bytes
 CACHE_ENV = "VCE_ENGINE_CACHE"
 HARDWARE_COMPATIBLE_KEY = "ampere-plus"  # TensorRT's AMPERE_PLUS level: compute capability 8.0 and newer
 HARDWARE_COMPATIBLE_MIN_CAPABILITY = (8, 0)
+# Version compatibility (TensorRT docs, "Version Compatibility"): from 8.6, a plan runs on the
+# TensorRT that built it and later releases of that major; across majors only 8 -> 9, 8 -> 10,
+# 9 -> 10 and 10 -> 11. Build major -> the runtime majors that may load it.
+VERSION_COMPATIBLE_MAJORS = {8: (8, 9, 10), 9: (9, 10), 10: (10, 11), 11: (11,)}
+VERSION_COMPATIBLE_MIN = (8, 6)
+
+
+def version_compatible_runs(built: str, runtime: str) -> bool:
+    """Whether a version-compatible plan built by TensorRT `built` may load on `runtime`."""
+    b, r = _version(built), _version(runtime)
+    return b >= VERSION_COMPATIBLE_MIN and b <= r and r[0] in VERSION_COMPATIBLE_MAJORS.get(b[0], ())
+
+
+def hardware_key(machine: str | None = None) -> str:
+    """The folder of hardware-compatible plans: TensorRT plans are not portable across
+    platforms (x86_64 against aarch64 Jetson / SBSA), so the platform is part of the key."""
+    machine = machine or platform.machine() or "unknown"
+    return f"{HARDWARE_COMPATIBLE_KEY}-{re.sub(r'[^a-z0-9_]+', '-', machine.lower())}"
 
 
 def default_cache_dir() -> Path:
@@ -53,9 +73,10 @@ def _capability(text: str) -> tuple[int, int]:
 
 
 def target_dir(root: Path, trt_version: str, gpu_name: str, capability: str,
-               version_compatible: bool = False, hardware_compatible: bool = False) -> Path:
+               version_compatible: bool = False, hardware_compatible: bool = False,
+               machine: str | None = None) -> Path:
     trt = f"trt-{_version(trt_version)[0]}.x" if version_compatible else f"trt-{trt_version}"
-    gpu = HARDWARE_COMPATIBLE_KEY if hardware_compatible else gpu_key(gpu_name, capability)
+    gpu = hardware_key(machine) if hardware_compatible else gpu_key(gpu_name, capability)
     return Path(root) / trt / gpu
 
 
@@ -67,9 +88,8 @@ def timing_cache_path(root: Path, trt_version: str, gpu_name: str, capability: s
 def compatibility_problem(info: EngineInfo, trt_version: str, gpu_name: str, capability: str) -> str | None:
     """Why an engine built as `info` cannot run on this TensorRT and GPU, or None."""
     same_version = info.tensorrt_version == trt_version
-    # version-compatible plans run on the same or any later TensorRT (TensorRT 11's docs: "engines
-    # built with TensorRT 10 work with TensorRT 11"), never on an older one
-    later = info.version_compatible and _version(info.tensorrt_version) <= _version(trt_version)
+    # version-compatible plans run on a later TensorRT only within the allowed major pairs
+    later = info.version_compatible and version_compatible_runs(info.tensorrt_version, trt_version)
     same_gpu = info.compute_capability == capability
     ampere_plus = info.hardware_compatible and _capability(capability) >= HARDWARE_COMPATIBLE_MIN_CAPABILITY
     if (same_version or later) and (same_gpu or ampere_plus):
@@ -115,15 +135,17 @@ def store(target: Path, onnx_sha256: str, role: str, precision: str, plan: bytes
 
 
 def lookup(root: Path, onnx_sha256: str, role: str, precision: str, trt_version: str,
-           gpu_name: str, capability: str) -> tuple[CachedEngine | None, list[str]]:
+           gpu_name: str, capability: str, machine: str | None = None) -> tuple[CachedEngine | None, list[str]]:
     """The first cached engine of this graph that runs here (exact build first, then the
     compatible kinds), and the reasons the others found do not."""
     rejected = []
     exact = f"trt-{trt_version}"
-    # version-compatible builds of this major first, then of earlier majors
-    compatible = sorted((p.name for p in Path(root).glob("trt-*.x") if _version(p.name)[0] <= _version(trt_version)[0]),
+    # version-compatible builds of this major first, then of the earlier majors allowed to load here
+    runtime_major = _version(trt_version)[0]
+    compatible = sorted((p.name for p in Path(root).glob("trt-*.x")
+                         if runtime_major in VERSION_COMPATIBLE_MAJORS.get(_version(p.name)[0], ())),
                         key=lambda name: -_version(name)[0])
-    gpus = [gpu_key(gpu_name, capability), HARDWARE_COMPATIBLE_KEY]
+    gpus = [gpu_key(gpu_name, capability), hardware_key(machine)]
     for trt_dir in [exact, *compatible]:
         for gpu_dir in gpus:
             folder = Path(root) / trt_dir / gpu_dir / f"onnx-{onnx_sha256}"

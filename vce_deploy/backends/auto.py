@@ -25,7 +25,9 @@ MAX_AUTO_NLL_COST = 0.5  # nats per target: what precision="auto" may give up fo
 # backend order per explicit precision on a CPU, fastest first (docs/cpu_inference.md)
 CPU_ORDER = {"fp32": ("onnxruntime", "openvino"), "bf16": ("openvino",), "fp16": ("onnxruntime",),
              "int8": ("openvino", "onnxruntime")}
-GPU_ORDER = ("tensorrt", "onnxruntime")
+# torch last on a GPU: eager with CUDA graphs, slower than an engine but far faster than the
+# CPU, and the one GPU path on a machine with CUDA PyTorch but no TensorRT or onnxruntime-gpu
+GPU_ORDER = ("tensorrt", "onnxruntime", "torch")
 
 
 def nll_cost(bundle: Bundle, precision: str, consumer: str = "cpu") -> float | None:
@@ -73,7 +75,7 @@ def choose(backends: dict[str, type[Backend]], bundle: Bundle, backend: str, pre
     notes: list[str] = []
     on_cpu_only = device is not None and not device.startswith("cuda")
     gpu_precisions = ("fp32",) if precision == "auto" else (precision,)
-    if not on_cpu_only:  # ONNX Runtime takes a GPU place only where its GPU providers see a GPU
+    if not on_cpu_only:  # ONNX Runtime and torch take a GPU place only where they see a GPU
         gpu = [name for name in GPU_ORDER if name in backends
                and (name == "tensorrt" or backends[name].resolve_device(device).startswith("cuda"))]
         plan += [(name, p) for p in gpu_precisions for name in gpu]

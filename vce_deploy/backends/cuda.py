@@ -175,28 +175,61 @@ def cupy_or_none():
         return None
 
 
+def cupy_package() -> str:
+    """The CuPy wheel for this machine's CUDA major (cupy-cuda12x, cupy-cuda13x): the driver's
+    CUDA version (cudaDriverGetVersion: 13000 = 13.0) names the newest toolkit it runs."""
+    try:
+        version = check(runtime().cudaDriverGetVersion(), "cudaDriverGetVersion")
+        return f"cupy-cuda{int(version) // 1000}x"
+    except (BackendError, AttributeError, TypeError, ValueError):
+        return "cupy-cuda12x or cupy-cuda13x, matching your CUDA major"
+
+
 class DeviceLatentSampler(LatentSampler):
     """Standard-normal latents drawn on the GPU by CuPy's Philox4x32-10 generator.
 
-    Like the host sampler, consecutive draws continue one sequence; the numbers differ from
-    the host sampler's for the same seed (another generator), so a seed reproduces results
-    on the same backend and device, as docs/design.md ("Runtime API") promises, not across them.
+    CuPy's generators keep one state per GPU thread, so the numbers a draw returns depend on
+    the draw's size: one draw of 2n rows is not two draws of n. So the sequence is cut into
+    blocks of BLOCK_ROWS rows, block k drawn whole by a generator made for (seed, k) at the
+    call: rows [a, b) are the same numbers whatever the chunking (convert and convert_iter
+    agree, docs/design.md "Runtime API"). The generator is made and drawn on the caller's
+    current CuPy stream (the runner's), so its set-up is ordered before the draw and the
+    engine's reads; nothing runs on the null stream. The numbers differ from the host
+    sampler's for the same seed (another generator).
     """
+
+    BLOCK_ROWS = 256
 
     def __init__(self, seed: int | None, device_id: int):
         cupy = cupy_or_none()
         if cupy is None:
-            raise BackendError("device-side noise needs CuPy (pip install cupy-cuda12x)")
+            raise BackendError(f"device-side noise needs CuPy (pip install {cupy_package()})")
         self.cupy = cupy
         self.device_id = device_id
         self.device = f"cuda:{device_id}"
-        with cupy.cuda.Device(device_id):
-            self._generator = cupy.random.Generator(cupy.random.Philox4x3210(seed))
+        # seed None: fresh noise, fixed for this call so its blocks continue one sequence
+        self.seed = int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0])
+        self._row = 0  # rows handed out so far
+
+    def _block(self, index: int, latent_dim: int):
+        cp = self.cupy
+        block_seed = int(np.random.SeedSequence((self.seed, index)).generate_state(1, np.uint64)[0])
+        generator = cp.random.Generator(cp.random.Philox4x3210(block_seed))  # on the current stream
+        return generator.standard_normal((self.BLOCK_ROWS, latent_dim), dtype=cp.float32)
 
     def draw(self, count: int, latent_dim: int, temperature: float):
-        with self.cupy.cuda.Device(self.device_id):
-            eps = self._generator.standard_normal((count, latent_dim), dtype=self.cupy.float32)  # (count, D)
-            return eps if temperature == 1.0 else eps * self.cupy.float32(temperature)
+        cp = self.cupy
+        start, stop = self._row, self._row + count
+        self._row = stop
+        with cp.cuda.Device(self.device_id):
+            if count == 0:
+                return cp.empty((0, latent_dim), dtype=cp.float32)
+            first, last = start // self.BLOCK_ROWS, -(-stop // self.BLOCK_ROWS)
+            blocks = [self._block(k, latent_dim) for k in range(first, last)]
+            rows = cp.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+            offset = first * self.BLOCK_ROWS
+            eps = rows[start - offset:stop - offset]  # (count, D)
+            return cp.ascontiguousarray(eps if temperature == 1.0 else eps * cp.float32(temperature))
 
 
 DeviceLatentStream = DeviceLatentSampler  # the old name, kept for callers written before the rename

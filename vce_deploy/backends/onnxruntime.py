@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import MODELS
+from ..contract import MODEL_IO, MODELS, tensor_shapes
 from ..errors import BackendError, BundleError
 from .base import Backend, HostLatentSampler, batch_slices, check_entry_io, compare_io, physical_cores
 from . import cuda
@@ -60,7 +60,21 @@ def _gpu_present() -> bool:
     return cuda.gpu_visible()
 
 
-def gpu_providers(available: list[str], device_id: int, cache_root: Path) -> list:
+# ONNX Runtime's TensorRT provider builds for the shapes it has seen unless given a profile:
+# without one a larger batch rebuilds the engine (minutes on a Jetson). (min, opt, max) batch:
+TRT_PROVIDER_BATCHES = (1, 64, 256)
+
+
+def trt_profile_options(inputs: dict[str, tuple[int, ...]], batches=TRT_PROVIDER_BATCHES) -> dict[str, str]:
+    """The provider's explicit profile, {input: per-sample shape} -> trt_profile_{min,opt,max}_shapes
+    ("z:1x56,q:1x1x28x28"), so one engine serves every batch up to the max."""
+    def shapes(batch: int) -> str:
+        return ",".join(f"{name}:" + "x".join(str(d) for d in (batch, *shape)) for name, shape in inputs.items())
+    return {f"trt_profile_{kind}_shapes": shapes(batch) for kind, batch in zip(("min", "opt", "max"), batches)}
+
+
+def gpu_providers(available: list[str], device_id: int, cache_root: Path,
+                  profile_inputs: dict[str, tuple[int, ...]] | None = None) -> list:
     """The GPU providers this onnxruntime has, with options, most specialised first. TensorRT's
     provider builds engines at session creation (minutes on a Jetson): its engine and timing
     caches make every later load reuse them. ORT keys its engine files by graph and GPU
@@ -72,6 +86,7 @@ def gpu_providers(available: list[str], device_id: int, cache_root: Path) -> lis
             "device_id": device_id,
             "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_root),
             "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_root),
+            **(trt_profile_options(profile_inputs) if profile_inputs else {}),
         }))
     if "CUDAExecutionProvider" in available:
         chosen.append(("CUDAExecutionProvider", {"device_id": device_id}))
@@ -128,7 +143,6 @@ class OnnxRuntimeBackend(Backend):
         options.inter_op_num_threads = 1  # two small sequential graphs: nothing to run side by side
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.intra_op_threads = options.intra_op_num_threads
-        providers = self._providers(ort)
         self._sessions = {}
         self._output_names = {}
         # int8: the uint8-activation form on the CPU (x86 U8S8 kernels), the symmetric one on a GPU
@@ -147,6 +161,7 @@ class OnnxRuntimeBackend(Backend):
         for role, entry in entries.items():
             path = bundle.file(entry.path)
             model_bytes = verified.pop(role)
+            providers = self._providers(ort, role)
             try:
                 session = ort.InferenceSession(model_bytes, options, providers=providers)
             except Exception as err:  # ORT raises its own Fail/InvalidGraph types
@@ -161,11 +176,20 @@ class OnnxRuntimeBackend(Backend):
         self.providers = self._sessions["convertor"].get_providers()
         self._cupy = cuda.cupy_or_none() if self.on_gpu else None
 
-    def _providers(self, ort) -> list:
+    def _providers(self, ort, role: str) -> list:
         if not self.on_gpu:
             return ["CPUExecutionProvider"]
         cache = _trt_provider_cache(ort, self.device_id)
-        return gpu_providers(ort.get_available_providers(), self.device_id, cache) + ["CPUExecutionProvider"]
+        shapes = tensor_shapes(self.image_size, self.latent_dim)
+        inputs = {name: shapes[name] for name in MODEL_IO[role].inputs}
+        return gpu_providers(ort.get_available_providers(), self.device_id, cache, inputs) + ["CPUExecutionProvider"]
+
+    @property
+    def max_batch_limit(self) -> int | None:
+        # the TensorRT provider's profile ends at its max batch: the Converter chunks to fit it
+        if "TensorrtExecutionProvider" in getattr(self, "providers", ()):
+            return TRT_PROVIDER_BATCHES[2]
+        return None
 
     def run(self, model, inputs):
         outputs = self._sessions[model].run(self._output_names[model], inputs)

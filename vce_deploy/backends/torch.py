@@ -58,6 +58,8 @@ class GraphRunner:
 
     def __init__(self, torch, forward, example: dict):
         self.lock = threading.Lock()
+        self.torch = torch
+        self.stream = torch.cuda.Stream()  # every replay of this graph runs here, one at a time
         self.inputs = {name: tensor.clone() for name, tensor in example.items()}
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -71,16 +73,48 @@ class GraphRunner:
             self.outputs = forward(**self.inputs)
 
     def __call__(self, inputs: dict) -> dict:
+        """Replay on this runner's own stream, ordered after the caller's stream (its inputs are
+        written) and before it again (the outputs are read there): a caller on a non-default
+        stream can never overwrite the static inputs while an earlier replay still reads them."""
+        torch = self.torch
         with self.lock:
-            for name, tensor in inputs.items():
-                self.inputs[name].copy_(tensor, non_blocking=True)
-            self.graph.replay()
-            return {name: out.clone() for name, out in self.outputs.items()}  # the statics are reused next call
+            caller = torch.cuda.current_stream()
+            self.stream.wait_stream(caller)
+            with torch.cuda.stream(self.stream):
+                for name, tensor in inputs.items():
+                    self.inputs[name].copy_(tensor, non_blocking=True)
+                    tensor.record_stream(self.stream)  # the caller may free it while the copy runs
+                self.graph.replay()  # launched on the current stream: this runner's
+                outputs = {name: out.clone() for name, out in self.outputs.items()}  # the statics are reused next call
+            caller.wait_stream(self.stream)
+            for out in outputs.values():
+                out.record_stream(caller)  # allocated on this runner's stream, used on the caller's
+            return outputs
+
+
+def strict_fp32(torch) -> None:
+    """fp32 that is fp32 on CUDA: PyTorch runs cuDNN convolutions in TF32 by default (10-bit
+    mantissas: about 2e-3 off the goldens, bound 1e-4). Process-wide, as PyTorch's flags are."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
 
 
 class TorchBackend(Backend):
     name = "torch"
     precisions = ("fp32",)
+
+    @classmethod
+    def resolve_device(cls, device):
+        """cuda:0 where a GPU is visible and this PyTorch has CUDA; torch is imported only then."""
+        if device is not None:
+            return device
+        if not cuda.gpu_visible():
+            return "cpu"
+        try:
+            return "cuda:0" if _torch().cuda.is_available() else "cpu"
+        except BackendError:
+            return "cpu"
 
     @classmethod
     def unavailable(cls, bundle, precision, device):
@@ -143,6 +177,8 @@ class TorchBackend(Backend):
         self._memory_format = memory_format
         self._source = source
         self.on_gpu = self.device.startswith("cuda")
+        if self.on_gpu:
+            strict_fp32(torch)  # the reference must match CPU fp32 (bench/gpu_check.py parity)
         self.device_id = cuda.device_index(self.device) if self.on_gpu else 0
         self._use_graphs = self.on_gpu and cuda_graphs
         self._graphs: dict[tuple[str, int], GraphRunner] = {}
