@@ -1,5 +1,5 @@
-"""The `vce` command: convert, inspect, verify, sign, build, serve, export-triton. (The benchmark is
-`python -m bench`, in the source tree: it is not part of the runtime.)
+"""The `vce` command: convert, inspect, verify, sign, build, serve, export-triton, bench. (The benchmark
+is `python -m bench`, in the source tree: it is not part of the runtime; `vce bench` runs it there.)
 
 Exit codes: 0 ok, 1 error (a one-line message on stderr), 2 bad usage (argparse).
 """
@@ -10,6 +10,7 @@ import json
 import secrets
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from .errors import VCEError
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(commands, BACKENDS, ("auto", *RUN_PRECISIONS))
     add_export_triton_parser(commands, PRECISIONS)
+    add_bench_parser(commands)
     return parser
 
 
@@ -86,6 +88,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every later argument is python -m bench's, --help included
+        try:
+            return run_bench(argv[1:])
+        except VCEError as err:
+            print(f"vce bench: error: {err}", file=sys.stderr)
+            return 1
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -335,6 +344,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(converter, settings, host=args.host, port=args.port)
     converter.close()
     return 0
+
+
+def add_bench_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="the latency benchmark (source tree only: python -m bench --help)",
+                                add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="python -m bench's arguments")
+
+
+def run_bench(bench_args: list[str]) -> int:
+    """`python -m bench` when the source tree is here (a clone, an editable install); a wheel
+    ships the runtime only, so there the error says where the benchmark runs."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "bench" / "__main__.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        from bench.__main__ import main as bench_main
+    except ImportError as err:
+        raise VCEError("vce bench runs the benchmark of the source tree (bench/), which the wheel does not ship: "
+                       "from a clone with the bench extra (pip install -e '.[bench]'), run `vce bench`, "
+                       f"`python bench/latency.py` or `python -m bench` ({err})") from err
+    return bench_main(bench_args)
 
 
 def add_export_triton_parser(commands, precisions) -> None:
