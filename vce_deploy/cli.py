@@ -352,19 +352,20 @@ def add_bench_parser(commands) -> None:
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="python -m bench's arguments")
 
 
+# the source tree's benchmark, beside this package in a clone or an editable install; a wheel
+# ships the runtime only. Run as a script, never imported: the runtime imports nothing of bench/.
+BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "latency.py"
+
+
 def run_bench(bench_args: list[str]) -> int:
-    """`python -m bench` when the source tree is here (a clone, an editable install); a wheel
-    ships the runtime only, so there the error says where the benchmark runs."""
-    root = Path(__file__).resolve().parents[1]
-    if (root / "bench" / "__main__.py").is_file() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        from bench.__main__ import main as bench_main
-    except ImportError as err:
+    """`python bench/latency.py ARGS` where the source tree is here, else an error saying where it runs."""
+    if not BENCH_SCRIPT.is_file():
         raise VCEError("vce bench runs the benchmark of the source tree (bench/), which the wheel does not ship: "
-                       "from a clone with the bench extra (pip install -e '.[bench]'), run `vce bench`, "
-                       f"`python bench/latency.py` or `python -m bench` ({err})") from err
-    return bench_main(bench_args)
+                       "in a clone with the bench extra (pip install -e '.[bench]'), run `vce bench`, "
+                       "`python bench/latency.py` or `python -m bench`")
+    import subprocess
+
+    return subprocess.call([sys.executable, str(BENCH_SCRIPT), *bench_args])
 
 
 def add_export_triton_parser(commands, precisions) -> None:

@@ -115,7 +115,7 @@ def write_cache(path: Path, key: dict, table: list[Timing]) -> None:
 
 def _inputs(bundle: Bundle, rows: int) -> dict[str, np.ndarray]:
     """The golden (z, q) rows, repeated to `rows` (fixed random ones if the bundle has none)."""
-    from ..golden import load_golden
+    from ..golden_file import load_golden
 
     golden = load_golden(bundle)
     if golden is not None:
