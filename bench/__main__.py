@@ -1,5 +1,6 @@
 """python -m bench [--bundle B] [--batch-sizes 1 64] [--peers ID ...] [--seconds S] [--rounds R]
                    [--threads N] [--json FILE] [--profile]
+(the same as `python bench/latency.py ...`, and `vce bench ...` in a clone)
 
 Every runtime backend (bare engine call and Converter.convert end to end) against the honest
 PyTorch peers, on the same inputs, in interleaved rounds; prints the markdown table the
@@ -23,7 +24,8 @@ from . import machine, peers, report, run
 
 
 def parse(argv) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[3])
+    description = " ".join(__doc__.split("\n\n")[1].split())  # the whole paragraph, never a cut line
+    parser = argparse.ArgumentParser(prog="python -m bench", description=description)
     parser.add_argument("--bundle", default=None, help="bundle directory (default: the shipped default bundle)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--peers", nargs="+", default=list(peers.PEERS), choices=list(peers.PEERS), metavar="ID",

@@ -3,6 +3,7 @@
 strongest known form. A peer that cannot run here is kept with the reason."""
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ class Peer:
     nll_cost: float | None = None  # nats against fp32, from the bundle's manifest
     warm: Callable[[np.ndarray, np.ndarray], None] | None = None  # first calls before timing (compile)
     reason: str | None = None  # why it does not run here
+    chosen: str = ""  # a runtime peer's backend and precision, in a few words
 
 
 def runtime_peer(peer_id: str, backend: str, precision: str, consumer: str = "cpu", options=None) -> Callable:
@@ -44,7 +46,9 @@ def runtime_peer(peer_id: str, backend: str, precision: str, consumer: str = "cp
             return conv.convert(image, n=n, seed=SEED)
 
         cost = nll_cost(conv.bundle, conv.precision, consumer)
-        return Peer(peer_id, "runtime", conv.precision, bare, end_to_end, f"{conv.backend_info}", cost)
+        info = conv.backend_info
+        return Peer(peer_id, "runtime", conv.precision, bare, end_to_end, f"{info}", cost,
+                    chosen=f"{info.name} {info.precision} on {info.device}")
 
     return build
 
@@ -111,6 +115,53 @@ def torch_peer(peer_id: str, channels_last: bool, compiled: bool, bf16: bool, tr
     return build
 
 
+def pt2e_int8_peer(bundle: Path, threads: int) -> Peer:
+    """int8 as a PyTorch user gets it on a CPU: PT2E static quantisation (torch.export, then
+    torchao's prepare_pt2e / convert_pt2e with X86InductorQuantizer's default config, calibrated
+    on the bundle's golden inputs) and torch.compile with inductor freezing, which lowers the
+    quantised convs to oneDNN int8 kernels. One export per batch size (static shapes), built at
+    the first call of that size (the warm-up, never timed)."""
+    import torch
+    import torch._inductor.config as inductor_config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    from vce_deploy.golden import load_golden
+
+    golden = load_golden(Bundle.load(bundle))
+    if golden is None:
+        raise VCEError(f"{bundle} has no golden inputs: PT2E int8 is calibrated on them")
+    calibration = (torch.from_numpy(golden.arrays["z"]), torch.from_numpy(golden.arrays["q"]))
+    module = copy.deepcopy(_convertor(bundle))
+    built: dict[int, Callable] = {}
+
+    def build(batch: int) -> Callable:
+        index = torch.arange(batch) % calibration[0].shape[0]
+        example = (calibration[0][index], calibration[1][index])
+        with torch.no_grad():
+            exported = torch.export.export(module, example).module()
+            quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+            prepared = prepare_pt2e(exported, quantizer)
+            prepared(*example)  # calibration: observers see the golden rows
+            return torch.compile(convert_pt2e(prepared), dynamic=False)
+
+    def call(z, q):
+        batch = z.shape[0]
+        first = batch not in built
+        if first:
+            built[batch] = build(batch)
+        # freezing (for this compile only) folds the weights' quantisation: oneDNN int8 convs
+        with torch.no_grad(), inductor_config.patch(freezing=True) if first else contextlib.nullcontext():
+            return built[batch](torch.from_numpy(z), torch.from_numpy(q)).float().contiguous().numpy()
+
+    import torchao
+
+    return Peer("torch-pt2e-int8", "torch", "int8", call, warm=call,
+                detail=f"PT2E int8 (X86InductorQuantizer default static config, torchao {torchao.__version__}, "
+                       f"calibrated on {golden.count} golden rows) + torch.compile (inductor, freezing), torch "
+                       f"{torch.__version__}, {torch.get_num_threads()} threads")
+
+
 # id -> builder, in the table's order
 PEERS: dict[str, Callable[[Path, int], Peer]] = {
     "auto": runtime_peer("auto", "auto", "auto"),
@@ -132,6 +183,7 @@ PEERS: dict[str, Callable[[Path, int], Peer]] = {
     "torch-channels-last-bf16": torch_peer("torch-channels-last-bf16", True, False, True),
     "torch-compile-bf16": torch_peer("torch-compile-bf16", True, True, True),
     "torch-compile-bf16-autocast-trace": torch_peer("torch-compile-bf16-autocast-trace", True, True, True, True),
+    "torch-pt2e-int8": pt2e_int8_peer,
 }
 BASELINE = "torch-eager"  # outputs are compared against it
 REFERENCE_RUNTIME = "ort-fp32"  # the targets' "ONNX Runtime fp32"

@@ -16,7 +16,7 @@ def records(peers: list[Peer], batches, result: dict, flops: float, peak_gflops:
     rows = []
     for peer in peers:
         base = {"id": peer.id, "family": peer.family, "precision": peer.precision, "detail": peer.detail,
-                "nll_cost": peer.nll_cost, "skipped": peer.reason}
+                "nll_cost": peer.nll_cost, "skipped": peer.reason, "chosen": peer.chosen}
         for batch in batches:
             engine = cells.get((peer.id, batch, "engine"))
             if engine is None or not engine.times_ns:
@@ -38,9 +38,10 @@ def records(peers: list[Peer], batches, result: dict, flops: float, peak_gflops:
             continue
         same = [r for r in rows if r["batch"] == row["batch"]]
         ort = next((r for r in same if r["id"] == REFERENCE_RUNTIME), None)
-        torch_best = max((r["images_per_s"] for r in same if r["family"] == "torch"), default=None)
+        torch_best = max((r for r in same if r["family"] == "torch"), key=lambda r: r["images_per_s"], default=None)
         row["x_ort_fp32"] = row["images_per_s"] / ort["images_per_s"] if ort else None
-        row["x_best_torch"] = row["images_per_s"] / torch_best if torch_best else None
+        row["x_best_torch"] = row["images_per_s"] / torch_best["images_per_s"] if torch_best else None
+        row["best_torch"] = torch_best["id"] if torch_best else None
     return rows
 
 
@@ -55,7 +56,7 @@ def targets(rows: list[dict], big: int = 64, small: int = 1) -> dict[str, Any]:
         torch_rows = [r for r in rows if r["batch"] == big and r["family"] == "torch"]
         best = max(torch_rows, key=lambda r: r["images_per_s"], default=None)
         rate = auto["convert_images_per_s"]
-        out["auto"] = auto["detail"]
+        out["auto"] = auto["chosen"] + " (why: under Contenders)"
         if ort:
             out[f"batch {big}: auto convert / ONNX Runtime fp32 engine (>= 4)"] = rate / ort["images_per_s"]
         if best:
@@ -99,6 +100,10 @@ def markdown(rows: list[dict], machine: dict, meta: dict, goals: dict) -> str:
             f"{_f(r['x_best_torch'], '.2f')} | {_f(r.get('convert_images_per_s'), '.0f')} | "
             f"{_f(r.get('convert_p50_ms'), '.3f')} | {_f(_pct(r.get('convert_overhead')), '+.0f')}{'%' if r.get('convert_overhead') is not None else ''} | "
             f"{_f(r['nll_cost'], '+.3f')} | {_f(r['max_abs_err'], '.1e')} |")
+    best = {r["batch"]: r["best_torch"] for r in rows if r["batch"] is not None and r.get("best_torch")}
+    if best:
+        lines += ["", "x best torch is against the strongest PyTorch peer of the same batch: " +
+                  ", ".join(f"batch {b}: {peer}" for b, peer in best.items())]
     skipped = [r for r in rows if r["batch"] is None]
     if skipped:
         lines += ["", "Not run here: " + "; ".join(f"**{r['id']}**: {r['skipped']}" for r in skipped)]

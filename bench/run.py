@@ -73,5 +73,6 @@ def run(peers: list[Peer], batches, seconds: float, rounds: int, warmup: float, 
         for (peer_id, kind), cell in timed.items():
             cell.first_call_s = first.get((peer_id, kind))
             cells[(peer_id, batch, kind)] = cell
-        log(f"  batch {batch}: {len(contenders)} contenders x {rounds} rounds done")
+        ran = len({peer_id for peer_id, _ in contenders})  # a peer's engine and convert calls are one contender
+        log(f"  batch {batch}: {ran} contenders x {rounds} rounds done")
     return {"cells": cells, "outputs": outputs}

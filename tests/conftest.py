@@ -1,6 +1,7 @@
 """Shared fixtures: one smoke-trained checkpoint and one exported bundle per test session."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,28 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # train/ and export/ run from the repository root
     sys.path.insert(0, str(ROOT))
+# precision="auto" follows the CPU-flag table in tests (deterministic, no timing, no cache
+# written); tests of measuring turn it on themselves (tests/test_auto_measure.py)
+os.environ.setdefault("VCE_AUTO_MEASURE", "0")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fake-cpu", default=os.environ.get("VCE_FAKE_CPU"), metavar="CLASS",
+                     help="run as if on this CPU class (vce_deploy/cpu.py CPU_CLASSES: amx, vnni, zen3); "
+                          "default $VCE_FAKE_CPU, else the real CPU")
+
+
+def pytest_configure(config):
+    from vce_deploy.cpu import fake_cpu
+
+    name = config.getoption("--fake-cpu")
+    fake_cpu(name or None)  # before collection: skipif marks read this_cpu() at import
+
+
+def pytest_report_header(config):
+    from vce_deploy.cpu import this_cpu
+
+    return f"cpu: {this_cpu().describe()}"
 
 
 @pytest.fixture(scope="session")

@@ -25,14 +25,14 @@ def result(smoke_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     argv = ["--bundle", str(smoke_bundle), "--batch-sizes", "1", "3", "--seconds", "0.1", "--rounds", "2",
             "--warmup", "0", "--threads", "1", "--peers", *IDS, "--json", str(out)]
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = main(argv)
-    return code, stdout.getvalue(), json.loads(out.read_text())
+    return code, stdout.getvalue(), json.loads(out.read_text()), stderr.getvalue()
 
 
 def test_every_contender_at_every_batch_with_sane_numbers(result):
-    code, _, data = result
+    code, _, data, _ = result
     assert code == 0
     rows = data["records"]
     assert {(r["id"], r["batch"]) for r in rows} == {(i, b) for i in IDS for b in (1, 3)}
@@ -75,7 +75,7 @@ def test_json_says_which_machine_and_the_targets(result):
 
 
 def test_markdown_has_a_row_per_contender_and_batch(result):
-    _, stdout, data = result
+    _, stdout, data, _ = result
     for r in data["records"]:
         assert f"| {r['id']} | {r['precision']} | {r['batch']} |" in stdout
     assert "load average" in stdout and "Targets (issue 13)" in stdout
@@ -116,3 +116,32 @@ def test_bad_options_are_usage_errors(capsys):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2
+
+
+def test_contenders_are_counted_once_and_backend_info_printed_once(result):
+    _, stdout, data, log = result
+    for batch in (1, 3):
+        assert f"batch {batch}: {len(IDS)} contenders x 2 rounds done" in log  # not one per engine and convert call
+    assert stdout.count("auto picked") == 1, "auto's backend_info is printed under Contenders only"
+    best = next(r["best_torch"] for r in data["records"] if r["batch"] == 3)
+    assert best.startswith("torch-") and f"batch 3: {best}" in stdout  # the strongest PyTorch peer is named
+
+
+def test_latency_script_is_the_same_benchmark_with_its_help_whole():
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "latency.py"), "--help"], capture_output=True,
+                          text=True, cwd=ROOT.parent, timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())
+    assert "usage: python -m bench" in text and "--peers" in text
+    assert "exporter (the bundle is the shipped default one unless --bundle names another)." in text
+
+
+def test_vce_bench_runs_the_benchmark_in_a_clone_and_says_where_it_runs_elsewhere(capfd, monkeypatch, tmp_path):
+    from vce_deploy import cli
+
+    assert cli.main(["bench", "--help"]) == 0  # bench's own --help: the source tree's benchmark was found
+    assert "usage: python -m bench" in capfd.readouterr().out
+    monkeypatch.setattr(cli, "BENCH_SCRIPT", tmp_path / "bench" / "latency.py")  # as from a wheel
+    assert cli.main(["bench", "--seconds", "1"]) == 1
+    err = capfd.readouterr().err
+    assert "which the wheel does not ship" in err and "python bench/latency.py" in err

@@ -95,12 +95,6 @@ def test_verify_checks_hashes_and_parity(bundle, tmp_path, capsys):
     assert "the file was changed" in capsys.readouterr().err
 
 
-def test_bench_is_not_a_runtime_command(capsys):
-    """The benchmark lives in the source tree (`python -m bench`), not in the installed runtime."""
-    assert main(["bench"]) == 2
-    assert "invalid choice: 'bench'" in capsys.readouterr().err
-
-
 def test_verify_without_glyphs_skips_parity_and_says_why(bundle, tmp_path, capsys):
     assert main(["verify", str(bundle), "--data-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out

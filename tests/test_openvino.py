@@ -119,8 +119,22 @@ def test_one_converter_shared_by_threads_gives_each_call_its_own_answer(bundle):
 
 # -- "auto" ---------------------------------------------------------------------------------------
 
-def test_auto_plan_follows_the_cpu_flags(bundle):
-    loaded = Bundle.load(bundle)
+@pytest.fixture(scope="module")
+def costed_bundle(bundle, tmp_path_factory):
+    """The fixture bundle with every precision's NLL cost stated: what its own manifest records
+    depends on the CPU that exported it (bf16 is measured only where the CPU has it)."""
+    copy = tmp_path_factory.mktemp("costed") / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    nll = manifest["metrics"].setdefault("nll", {})
+    for variant, cost in (("bf16", 0.01), ("int8-cpu", 0.08), ("int8-tensorrt", 0.1), ("fp16", 0.0)):
+        nll[variant] = {**nll.get(variant, {}), "cost_vs_fp32": cost}
+    write_raw_manifest(copy, manifest)
+    return copy
+
+
+def test_auto_plan_follows_the_cpu_flags(costed_bundle):
+    loaded = Bundle.load(costed_bundle)
     plan, notes = auto.cpu_plan(loaded, AMX_XEON)
     assert plan[0] == ("openvino", "bf16") and ("openvino", "int8") in plan and plan[-2:] == [
         ("onnxruntime", "fp32"), ("openvino", "fp32")]

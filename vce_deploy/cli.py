@@ -1,5 +1,5 @@
-"""The `vce` command: convert, inspect, verify, sign, build, serve, export-triton. (The benchmark is
-`python -m bench`, in the source tree: it is not part of the runtime.)
+"""The `vce` command: convert, inspect, verify, sign, build, serve, export-triton, bench. (The benchmark
+is `python -m bench`, in the source tree: it is not part of the runtime; `vce bench` runs it there.)
 
 Exit codes: 0 ok, 1 error (a one-line message on stderr), 2 bad usage (argparse).
 """
@@ -10,6 +10,7 @@ import json
 import secrets
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from .errors import VCEError
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(commands, BACKENDS, ("auto", *RUN_PRECISIONS))
     add_export_triton_parser(commands, PRECISIONS)
+    add_bench_parser(commands)
     return parser
 
 
@@ -86,6 +88,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every later argument is python -m bench's, --help included
+        try:
+            return run_bench(argv[1:])
+        except VCEError as err:
+            print(f"vce bench: error: {err}", file=sys.stderr)
+            return 1
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -335,6 +344,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(converter, settings, host=args.host, port=args.port)
     converter.close()
     return 0
+
+
+def add_bench_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="the latency benchmark (source tree only: python -m bench --help)",
+                                add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="python -m bench's arguments")
+
+
+# the source tree's benchmark, beside this package in a clone or an editable install; a wheel
+# ships the runtime only. Run as a script, never imported: the runtime imports nothing of bench/.
+BENCH_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "latency.py"
+
+
+def run_bench(bench_args: list[str]) -> int:
+    """`python bench/latency.py ARGS` where the source tree is here, else an error saying where it runs."""
+    if not BENCH_SCRIPT.is_file():
+        raise VCEError("vce bench runs the benchmark of the source tree (bench/), which the wheel does not ship: "
+                       "in a clone with the bench extra (pip install -e '.[bench]'), run `vce bench`, "
+                       "`python bench/latency.py` or `python -m bench`")
+    import subprocess
+
+    return subprocess.call([sys.executable, str(BENCH_SCRIPT), *bench_args])
 
 
 def add_export_triton_parser(commands, precisions) -> None:

@@ -21,8 +21,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from .backends import BACKENDS, Backend, BackendInfo, HostLatentSampler, LatentSampler, auto
+from .backends.measure import measuring_enabled, pick
 from .bundle import Bundle
 from .contract import RUN_PRECISIONS
+from .cpu import this_cpu
 from .errors import BundleError, DependencyError, InputError
 from .grid import WRAP_CELLS, save_grid
 from .inputs import DEFAULT_N, glyph_items, positive_int, preprocess_batch, raw_batch, seed_value, temperature_value
@@ -63,14 +65,17 @@ class Converter:
     def load(cls, path: str | os.PathLike | None = None, backend: str = "auto", precision: str = "fp32",
              device: str | None = None, max_batch: int | None = None, threads: int | None = None,
              backend_options: dict | None = None, *,
-             allow_unsealed: bool = False, trusted_keys: Any = None, device_built: Any = ()) -> "Converter":
+             allow_unsealed: bool = False, trusted_keys: Any = None, device_built: Any = (),
+             measure: bool | None = None) -> "Converter":
         """Verify the bundle at `path` (None: the shipped default) and load one backend.
 
         backend: "auto" (a TensorRT engine built for this GPU, else ONNX Runtime on its GPU
         providers, else the CPU order of backends/auto.py), or one of BACKENDS by name.
         precision: one of contract.RUN_PRECISIONS (bf16: the fp32 graph computed in bfloat16),
-        or "auto" with backend="auto": the fastest precision this CPU runs natively whose NLL
-        cost in the manifest is at most 0.5 nats (`conv.backend_info.reason` says which and why).
+        or "auto" with backend="auto": on a CPU, the (backend, precision) measured fastest here
+        among those whose NLL cost in the manifest is at most 0.5 nats (backends/measure.py:
+        timed at the first load, at most about 2 s, then cached); `conv.backend_info.reason`
+        has the measured table and the choice.
         device: None (the backend's best), "cpu", "cuda" or "cuda:N" ("GPU", "GPU.N", "NPU":
         OpenVINO's Intel devices, not run here).
         max_batch: rows per engine call (default: the engine profile's max, or 256).
@@ -79,6 +84,8 @@ class Converter:
         performance_hint).
         allow_unsealed, trusted_keys, device_built: see Bundle.load and docs/signing.md; with
         trusted_keys an unsigned or wrongly signed bundle is refused before anything is parsed.
+        measure: with precision="auto", False skips measuring (the CPU-flag table decides);
+        None: measure unless VCE_AUTO_MEASURE=0.
         """
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise InputError(f"path: expected None, a str or os.PathLike bundle directory, got {type(path).__name__}")
@@ -99,10 +106,16 @@ class Converter:
         if bundle.manifest.image_size != IMAGE_SIZE:
             raise BundleError(f"{bundle.path}: expected image_size {IMAGE_SIZE} (what preprocess makes), "
                               f"the manifest says {bundle.manifest.image_size}")
+        asked = precision
         chosen, precision, reason = auto.choose(BACKENDS, bundle, backend, precision, device)
         options = _backend_options(chosen, backend_options)
         resolved = chosen.resolve_device(device)
-        instance = chosen(bundle, precision, resolved, threads, **options)
+        instance = None
+        if asked == "auto" and resolved == "cpu" and not options and measuring_enabled(measure):
+            candidates, _ = auto.cpu_candidates(BACKENDS, bundle, this_cpu())
+            chosen, precision, reason, instance, _ = pick(candidates, bundle, threads)
+        if instance is None:
+            instance = chosen(bundle, precision, resolved, threads, **options)
         limit = instance.max_batch_limit
         if max_batch is None:
             max_batch = instance.default_max_batch

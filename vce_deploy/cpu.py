@@ -53,8 +53,32 @@ def parse_cpuinfo(text: str) -> CpuInfo:
     return CpuInfo(model or platform.processor() or platform.machine(), flags)
 
 
-@functools.lru_cache(maxsize=1)
+# The CPU classes this project meets, for running the test suite as if on each of them
+# (tests/conftest.py: --fake-cpu or VCE_FAKE_CPU). Only what this module reports is faked: the
+# libraries still run on the real hardware.
+CPU_CLASSES = {
+    "amx": CpuInfo("Intel Xeon with AMX (faked)", frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16",
+                                                           "amx_tile", "amx_bf16", "amx_int8"})),
+    "vnni": CpuInfo("Intel Xeon Cascade Lake (faked)", frozenset({"avx2", "fma", "avx512f", "avx512_vnni"})),
+    "zen3": CpuInfo("AMD EPYC Zen 3 (faked)", frozenset({"avx2", "fma"})),
+}
+_faked: CpuInfo | None = None
+
+
+def fake_cpu(name: str | None) -> None:
+    """Report CPU_CLASSES[name] from this_cpu() from now on (None: the real CPU again). For tests."""
+    global _faked
+    if name is not None and name not in CPU_CLASSES:
+        raise ValueError(f"fake CPU: expected one of {sorted(CPU_CLASSES)}, got {name!r}")
+    _faked = CPU_CLASSES[name] if name is not None else None
+
+
 def this_cpu() -> CpuInfo:
+    return _faked if _faked is not None else _real_cpu()
+
+
+@functools.lru_cache(maxsize=1)
+def _real_cpu() -> CpuInfo:
     try:
         return parse_cpuinfo(Path("/proc/cpuinfo").read_text())
     except OSError:  # not Linux: no flags known, so no reduced precision is assumed

@@ -59,6 +59,23 @@ def cpu_plan(bundle: Bundle, cpu: CpuInfo) -> tuple[list[tuple[str, str]], list[
     return plan + [(name, "fp32") for name in CPU_ORDER["fp32"]], notes
 
 
+def cpu_candidates(backends: dict[str, type[Backend]], bundle: Bundle,
+                   cpu: CpuInfo) -> tuple[list[tuple[type[Backend], str]], list[str]]:
+    """Every CPU (backend class, precision) that measuring may time: usable here, with a stated NLL
+    cost within MAX_AUTO_NLL_COST; the flag plan's order first, so a spent budget cuts the least
+    likely. Whatever the flags say: measuring, not the table, decides among these."""
+    plan, notes = cpu_plan(bundle, cpu)
+    for precision in ("int8", "bf16", "fp16"):
+        cost = nll_cost(bundle, precision)
+        if cost is not None and cost <= MAX_AUTO_NLL_COST:
+            plan += [(name, precision) for name in CPU_ORDER[precision] if (name, precision) not in plan]
+    found = []
+    for name, precision in plan:
+        if name in backends and refusal(backends, backends[name], bundle, precision, "cpu") is None:
+            found.append((backends[name], precision))
+    return found, notes
+
+
 def choose(backends: dict[str, type[Backend]], bundle: Bundle, backend: str, precision: str,
            device: str | None) -> tuple[type[Backend], str, str]:
     """(backend class, precision, reason), or the BackendError that says what is available."""
@@ -114,4 +131,4 @@ def refusal(backends: dict[str, type[Backend]], cls: type[Backend], bundle: Bund
     return cls.unavailable(bundle, precision if precision != "auto" else "fp32", device)
 
 
-__all__ = ["CPU_ORDER", "GPU_ORDER", "MAX_AUTO_NLL_COST", "RUN_PRECISIONS", "choose", "cpu_plan", "nll_cost"]
+__all__ = ["CPU_ORDER", "GPU_ORDER", "MAX_AUTO_NLL_COST", "RUN_PRECISIONS", "choose", "cpu_candidates", "cpu_plan", "nll_cost"]

@@ -1,0 +1,201 @@
+"""precision="auto" by measurement, as TensorRT picks tactics: at the first load of a bundle on a
+machine, every usable CPU (backend, precision) whose manifest NLL cost is within the bound is
+timed on the bundle's golden inputs at batch 1 and at LARGE_BATCH, within BUDGET_S in all; the
+fastest at LARGE_BATCH wins. The table is cached under $XDG_CACHE_HOME/vce_deploy/auto/, keyed by
+the CPU model and flags, the bundle's manifest sha256, the library versions and the thread
+count; a cache that is corrupt or was written for another key is measured again and rewritten
+(atomically), never trusted. `Converter.load(..., measure=False)` or VCE_AUTO_MEASURE=0 skip
+measuring: the flag table of backends/auto.py decides then (deterministic setups, tests).
+docs/cpu_inference.md has the rule and what the figures it decides on are worth.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..cpu import CpuInfo, this_cpu
+from ..errors import VCEError
+from ..fsio import atomic_write_bytes, sha256_file
+from .base import Backend, physical_cores
+
+MEASURE_ENV = "VCE_AUTO_MEASURE"  # "0" / "false" / "no" / "off": skip measuring
+BUDGET_S = 2.0  # what measuring may add to the first load (loads included)
+LARGE_BATCH = 64
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One candidate's measurement: batch-1 p50 and LARGE_BATCH images/s, or why none."""
+
+    backend: str
+    precision: str
+    threads: int
+    batch1_ms: float | None = None
+    images_per_s: float | None = None  # at LARGE_BATCH
+    note: str = ""  # why it was not measured
+
+    def line(self) -> str:
+        if self.images_per_s is None:
+            return f"{self.backend} {self.precision} x{self.threads}: {self.note}"
+        return (f"{self.backend} {self.precision} x{self.threads}: {self.images_per_s:.0f} images/s at batch "
+                f"{LARGE_BATCH}, {self.batch1_ms:.3f} ms at batch 1")
+
+
+def measuring_enabled(flag: bool | None) -> bool:
+    """The load's flag if given, else the environment (measuring is the default)."""
+    if flag is not None:
+        return bool(flag)
+    return os.environ.get(MEASURE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "vce_deploy" / "auto"
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    found = {}
+    for name in ("vce-deploy", "numpy", "onnxruntime", "openvino"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "-"
+    return found
+
+
+def cache_key(bundle: Bundle, cpu: CpuInfo, threads: int, candidates: list[tuple[str, str]]) -> dict:
+    """Everything a measured table depends on: any change means measuring again."""
+    return {"format": CACHE_FORMAT, "cpu_model": cpu.model, "cpu_flags": sorted(cpu.flags),
+            "bundle_sha256": sha256_file(bundle.path / "manifest.json"), "versions": _versions(),
+            "threads": threads, "large_batch": LARGE_BATCH, "candidates": [list(c) for c in candidates]}
+
+
+def cache_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / f"{digest}.json"
+
+
+def read_cache(path: Path, key: dict) -> tuple[list[Timing] | None, str]:
+    """(table, "") from a cache written for exactly `key`, else (None, why it was not used)."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, "first load here: measured"
+    except (OSError, ValueError) as err:
+        return None, f"cache {path} unreadable ({type(err).__name__}): measured again"
+    if not isinstance(raw, dict) or raw.get("key") != key:
+        return None, f"cache {path} was written for another machine, bundle or version: measured again"
+    try:
+        table = [Timing(**row) for row in raw["table"]]
+        for row in table:
+            if row.images_per_s is not None and not (row.images_per_s > 0 and row.batch1_ms > 0):
+                raise ValueError(row)
+    except (KeyError, TypeError, ValueError) as err:
+        return None, f"cache {path} malformed ({type(err).__name__}): measured again"
+    return table, f"cache {path}"
+
+
+def write_cache(path: Path, key: dict, table: list[Timing]) -> None:
+    try:
+        atomic_write_bytes(path, (json.dumps({"key": key, "table": [asdict(t) for t in table]}, indent=1) + "\n")
+                           .encode())
+    except OSError:  # a read-only home: measure again next time rather than fail the load
+        pass
+
+
+def _inputs(bundle: Bundle, rows: int) -> dict[str, np.ndarray]:
+    """The golden (z, q) rows, repeated to `rows` (fixed random ones if the bundle has none)."""
+    from ..golden_file import load_golden
+
+    golden = load_golden(bundle)
+    if golden is not None:
+        z, q = golden.arrays["z"], golden.arrays["q"]
+    else:
+        rng = np.random.default_rng(0)
+        size, latent = bundle.manifest.image_size, bundle.manifest.latent_dim
+        z = rng.standard_normal((8, latent), dtype=np.float32)
+        q = (rng.random((8, 1, size, size)) > 0.8).astype(np.float32)
+    index = np.arange(rows) % z.shape[0]
+    return {"z": np.ascontiguousarray(z[index]), "q": np.ascontiguousarray(q[index])}
+
+
+def _median_ms(instance: Backend, feeds: dict, seconds: float, max_calls: int) -> float:
+    times = []
+    end = time.perf_counter() + seconds
+    while len(times) < 2 or (len(times) < max_calls and time.perf_counter() < end):
+        start = time.perf_counter()
+        instance.run("convertor", feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def measure(candidates: list[tuple[type[Backend], str]], bundle: Bundle, threads: int,
+            budget_s: float = BUDGET_S) -> tuple[list[Timing], dict[tuple[str, str], Backend]]:
+    """Time each candidate (load, warm call, batch 1, LARGE_BATCH) within budget_s in all.
+    Returns the table and the loaded instances (the caller keeps the winner, closes the rest)."""
+    small, large = _inputs(bundle, 1), _inputs(bundle, LARGE_BATCH)
+    start = time.perf_counter()
+    table, loaded = [], {}
+    for done, (cls, precision) in enumerate(candidates):
+        left = budget_s - (time.perf_counter() - start)
+        if left <= 0:
+            table.append(Timing(cls.name, precision, threads, note=f"not measured: the {budget_s:g} s budget was spent"))
+            continue
+        share, began = left / (len(candidates) - done), time.perf_counter()
+        try:
+            instance = cls(bundle, precision, "cpu", threads)
+            instance.run("convertor", large)  # first calls: graph compilation, allocations
+            instance.run("convertor", small)
+            rest = max(0.0, share - (time.perf_counter() - began))  # what this candidate has left to time
+            batch1 = _median_ms(instance, small, rest * 0.3, 50)
+            per_call = _median_ms(instance, large, rest * 0.7, 10)
+        except (VCEError, RuntimeError, OSError, ValueError) as err:
+            table.append(Timing(cls.name, precision, threads, note=f"failed: {type(err).__name__}: {err}"[:200]))
+            continue
+        loaded[(cls.name, precision)] = instance
+        table.append(Timing(cls.name, precision, threads, round(batch1, 4), round(LARGE_BATCH / per_call * 1e3, 1)))
+    return table, loaded
+
+
+def fastest(table: list[Timing]) -> Timing | None:
+    measured = [t for t in table if t.images_per_s is not None]
+    return max(measured, key=lambda t: t.images_per_s, default=None)
+
+
+def pick(candidates: list[tuple[type[Backend], str]], bundle: Bundle, threads: int | None,
+         cpu: CpuInfo | None = None) -> tuple[type[Backend], str, str, Backend | None, list[Timing]]:
+    """(class, precision, reason, loaded instance or None, table): the fastest candidate here,
+    from the cache when it matches, else measured now (and cached)."""
+    threads = threads or physical_cores()
+    cpu = cpu or this_cpu()
+    by_name = {(cls.name, precision): cls for cls, precision in candidates}
+    key = cache_key(bundle, cpu, threads, list(by_name))
+    path = cache_path(key)
+    table, source = read_cache(path, key)
+    loaded: dict[tuple[str, str], Backend] = {}
+    if table is None:
+        table, loaded = measure(candidates, bundle, threads)
+        if fastest(table) is not None:
+            write_cache(path, key, table)
+    best = fastest(table)
+    if best is None:
+        raise VCEError("auto measured nothing that runs: " + "; ".join(t.line() for t in table))
+    instance = loaded.pop((best.backend, best.precision), None)
+    for other in loaded.values():
+        other.close()
+    reason = (f"auto measured {best.backend} {best.precision} fastest at batch {LARGE_BATCH} on {cpu.describe()} "
+              f"({source}): " + "; ".join(t.line() for t in table))
+    return by_name[(best.backend, best.precision)], best.precision, reason, instance, table
+
+
+__all__ = ["BUDGET_S", "LARGE_BATCH", "MEASURE_ENV", "Timing", "cache_dir", "measure", "measuring_enabled", "pick"]
