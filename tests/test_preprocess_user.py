@@ -52,8 +52,16 @@ def test_a_thin_pen_on_a_large_canvas_keeps_its_strokes():
     """A 4 px pen on 500x500 (the issue's case): the old box filter and 0.5 threshold left almost nothing."""
     out = preprocess(_glyph())
     height, width = _box(out)
-    assert abs(max(height, width) - TRAIN_EXTENT) <= 1, (height, width)  # the training glyphs' median size
+    assert abs(height - 340 / 500 * 28) <= 1.5, (height, width)  # it sits in its canvas as a training glyph would
     assert out[: 28 // 2].sum() >= 8 and out.sum() >= 30  # the bar survives, and the ring and stem with it
+
+
+def test_a_small_glyph_in_a_corner_is_brought_to_the_training_size_and_place():
+    out = preprocess(_glyph(size=(600, 600), width=5, box=(420, 20, 560, 180)))
+    height, width = _box(out)
+    ys, xs = np.nonzero(out)
+    assert abs(max(height, width) - TRAIN_EXTENT) <= 1, (height, width)
+    assert abs((ys.min() + ys.max()) / 2 - 13) <= 1 and abs((xs.min() + xs.max()) / 2 - 13) <= 1
 
 
 def test_the_aspect_ratio_is_kept_on_a_non_square_canvas():

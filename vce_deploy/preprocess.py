@@ -30,11 +30,13 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, what PIL's convert("L") uses
 # Omniglot's 28x28 training images (preprocess_dataset of the paper split's 17,580 training
 # drawings), measured by `python -m bench.robustness --stats`: the median longer side of the ink's
 # box, the mean centre of that box (row, column; pixel indices), the mean stroke width
-# (stroke_width) and the range of ink pixels. User glyphs are brought to these.
+# (stroke_width) and the range of ink pixels. User glyphs are brought to these (_normalise).
 TRAIN_EXTENT = 18
 TRAIN_CENTRE = (13.0, 13.1)
 TRAIN_STROKE_WIDTH = 1.1
 TRAIN_INK_RANGE = (1, 168)
+TRAIN_EXTENT_RANGE = (8, 25)  # 1st to 99th percentile of that extent
+TRAIN_CENTRE_RANGE = ((9.5, 16.5), (9.5, 17.0))  # 1st to 99th percentile of the box centre's row, column
 # Ink pixels a preprocessed user glyph may have: a normalised glyph has at least its extent in
 # ink (a line); past ~30% of the frame it is a filled shape, not strokes (training max: 21%).
 INK_PIXELS = (TRAIN_EXTENT, 235)
@@ -242,35 +244,75 @@ def _otsu(values: np.ndarray) -> float:
 
 
 def _normalise(mask: np.ndarray) -> np.ndarray:
-    """An ink mask of any size -> (28, 28) float32 {0, 1} with the training glyphs' extent, centre and
-    stroke width (TRAIN_*, measured by `python -m bench.robustness --stats`).
+    """An ink mask of any size -> (28, 28) float32 {0, 1} in the training glyphs' frame: their size,
+    place and stroke width (TRAIN_*, measured by `python -m bench.robustness --stats`).
 
-    Works on a canvas SUPERSAMPLE times finer than 28x28: the glyph's box (trimmed of stray specks) is
-    scaled, aspect kept, so its longer side is TRAIN_EXTENT; any pixel the ink touches counts (a
-    thin pen is never averaged away); strokes are thickened to TRAIN_STROKE_WIDTH, then the canvas
-    is area-resized to 28x28 and binarized at 0.5, as the training images were.
+    The canvas is padded to a square (aspect kept, never squashed). A glyph that already sits in
+    it as training glyphs sit in theirs (its box's extent and centre within TRAIN_EXTENT_RANGE and
+    TRAIN_CENTRE_RANGE, scaled to 28) keeps its size and place; any other (small in a corner, a
+    large canvas, a wide strip) is scaled so its longer side is TRAIN_EXTENT and centred at
+    TRAIN_CENTRE. Works on a canvas SUPERSAMPLE times finer than 28x28: any pixel the ink touches
+    counts (a thin pen is never averaged away); the strokes are thinned to their centre lines and
+    redrawn with a pen of TRAIN_STROKE_WIDTH (thickening to a mean width would still lose a stroke
+    thinner than the mean), then the canvas is area-resized to 28x28 and binarized at 0.5, as the
+    training images were.
     """
-    ys, xs = np.nonzero(mask)
+    side = max(mask.shape)
+    square = np.zeros((side, side), bool)
+    pad_top, pad_left = (side - mask.shape[0]) // 2, (side - mask.shape[1]) // 2
+    square[pad_top:pad_top + mask.shape[0], pad_left:pad_left + mask.shape[1]] = mask
+    ys, xs = np.nonzero(square)
     top, bottom = np.percentile(ys, (SPECK_TRIM, 100 - SPECK_TRIM)).round().astype(int)
     left, right = np.percentile(xs, (SPECK_TRIM, 100 - SPECK_TRIM)).round().astype(int)
-    crop = mask[top:bottom + 1, left:right + 1].astype(np.float32)
-    fine = IMAGE_SIZE * SUPERSAMPLE
-    scale = SUPERSAMPLE * TRAIN_EXTENT / max(crop.shape)
+    crop = square[top:bottom + 1, left:right + 1].astype(np.float32)
+    frame = IMAGE_SIZE / side  # 28-pixel units per source pixel, in the canvas's own frame
+    extent = max(crop.shape) * frame
+    centre = ((top + bottom + 1) / 2 * frame - 0.5, (left + right + 1) / 2 * frame - 0.5)  # pixel-index coordinates
+    in_frame = TRAIN_EXTENT_RANGE[0] <= extent <= TRAIN_EXTENT_RANGE[1] and all(
+        low <= c <= high for c, (low, high) in zip(centre, TRAIN_CENTRE_RANGE))
+    scale = SUPERSAMPLE * (frame if in_frame else TRAIN_EXTENT / max(crop.shape))  # fine pixels per source pixel
+    if not in_frame:
+        centre = TRAIN_CENTRE
     size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))  # (w, h) for PIL
     resample = Image.BOX if scale < 1 else Image.BILINEAR
     touched = np.asarray(Image.fromarray(crop, mode="F").resize(size, resample)) > 1e-3  # any ink in the cell
-    width = stroke_width(touched)
-    radius = max(0, round((SUPERSAMPLE * TRAIN_STROKE_WIDTH - width) / 2))
-    if radius:
-        dilated = Image.fromarray(touched.astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(2 * radius + 1))
-        touched = np.asarray(dilated) > 127
-    canvas = np.zeros((fine, fine), np.float32)
-    top = int(round(SUPERSAMPLE * (TRAIN_CENTRE[0] + 0.5) - touched.shape[0] / 2))
-    left = int(round(SUPERSAMPLE * (TRAIN_CENTRE[1] + 0.5) - touched.shape[1] / 2))
-    top, left = min(max(top, 0), fine - touched.shape[0]), min(max(left, 0), fine - touched.shape[1])
-    canvas[top:top + touched.shape[0], left:left + touched.shape[1]] = touched[:fine, :fine]
+    pen = 2 * round((SUPERSAMPLE * TRAIN_STROKE_WIDTH - 1) / 2) + 1  # odd, for a centred square pen
+    margin = pen // 2
+    lines = np.pad(skeleton(touched), margin).astype(np.uint8) * 255
+    strokes = np.asarray(Image.fromarray(lines).filter(ImageFilter.MaxFilter(pen))) > 127  # the training pen
+    fine = IMAGE_SIZE * SUPERSAMPLE
+    canvas = np.zeros((fine + 2 * margin, fine + 2 * margin), np.float32)
+    row = int(round(SUPERSAMPLE * (centre[0] + 0.5) - size[1] / 2))  # the glyph's top-left, in fine pixels
+    col = int(round(SUPERSAMPLE * (centre[1] + 0.5) - size[0] / 2))
+    row, col = min(max(row, 0), fine - size[1]), min(max(col, 0), fine - size[0])
+    canvas[row:row + strokes.shape[0], col:col + strokes.shape[1]] = strokes
+    canvas = canvas[margin:margin + fine, margin:margin + fine]
     coverage = canvas.reshape(IMAGE_SIZE, SUPERSAMPLE, IMAGE_SIZE, SUPERSAMPLE).mean(axis=(1, 3))
     return (coverage > BINARIZE_THRESHOLD).astype(np.float32)
+
+
+def skeleton(mask: np.ndarray) -> np.ndarray:
+    """The one-pixel centre lines of a 2-D bool mask: Zhang and Suen's thinning (CACM 27(3), 1984),
+    each sub-iteration vectorised over the image."""
+    image = np.pad(mask.astype(bool), 1)
+    while True:
+        changed = False
+        for step in (0, 1):
+            p = np.pad(image, 1)[1:-1, 1:-1]
+            n = [np.roll(p, shift, axis=(0, 1)) for shift in
+                 ((1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1))]  # P2..P9, clockwise from north
+            count = np.sum(n, axis=0)
+            transitions = np.sum([~n[i] & n[(i + 1) % 8] for i in range(8)], axis=0)
+            if step == 0:
+                keep_off = ~(n[0] & n[2] & n[4]) & ~(n[2] & n[4] & n[6])
+            else:
+                keep_off = ~(n[0] & n[2] & n[6]) & ~(n[0] & n[4] & n[6])
+            remove = p & (count >= 2) & (count <= 6) & (transitions == 1) & keep_off
+            if remove.any():
+                image = p & ~remove
+                changed = True
+        if not changed:
+            return image[1:-1, 1:-1]
 
 
 def stroke_width(mask: np.ndarray) -> float | np.ndarray:
