@@ -201,7 +201,8 @@ def _ink_mask(gray: np.ndarray, what: str) -> np.ndarray:
     neighbourhood, a quarter of the short side: wider than any stroke), smoothly upsampled and
     subtracted, so a shadow or a lighting gradient drops out. Threshold: Otsu on what is left.
     """
-    low, median, high = np.percentile(gray, (0.1, 50.0, 99.9))
+    counts = np.bincount(np.minimum((gray * 1023).astype(np.int32), 1023).ravel(), minlength=1024)
+    low, median, high = np.searchsorted(np.cumsum(counts), np.array([0.001, 0.5, 0.999]) * gray.size) / 1023
     ink = 1.0 - gray if median - low >= high - median else gray
     height, width = ink.shape
     block = max(1, -(-min(height, width) // BACKGROUND_BLOCKS))
@@ -230,8 +231,8 @@ def _rank3(grid: np.ndarray, reduce) -> np.ndarray:
 
 def _otsu(values: np.ndarray) -> float:
     """Otsu's threshold (the split maximising the between-class variance) of values in [0, 1]."""
-    counts, edges = np.histogram(values, bins=256, range=(0.0, 1.0))
-    counts = counts.astype(np.float64)
+    counts = np.bincount(np.minimum((values * 256).astype(np.int32), 255).ravel(), minlength=256).astype(np.float64)
+    edges = np.arange(257) / 256  # 256 bins over [0, 1] (bincount: np.histogram is several times slower)
     centres = (edges[:-1] + edges[1:]) / 2
     below = np.cumsum(counts)
     mass = np.cumsum(counts * centres)
