@@ -108,6 +108,7 @@ def test_both_polarities_and_transparency_give_the_same_glyph(form):
     ((np.random.default_rng(0).random((100, 100)) * 0.1).astype(np.float32), "no ink"),  # faint noise only
     (np.where((np.arange(200)[:, None] % 16 < 4) | (np.arange(200) % 16 < 4), 0, 255).astype(np.uint8),
      "too much ink"),  # a dense hatching: strokes everywhere
+    (np.pad(np.zeros((3, 3), np.uint8), 100, constant_values=255), "too little ink"),  # a speck
     (np.zeros((28, 28), np.uint8) + 255, "all background"),
 ])
 def test_unreadable_images_are_refused_saying_what_was_found(image, match):

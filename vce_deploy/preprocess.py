@@ -37,9 +37,10 @@ TRAIN_STROKE_WIDTH = 1.1
 TRAIN_INK_RANGE = (1, 168)
 TRAIN_EXTENT_RANGE = (8, 25)  # 1st to 99th percentile of that extent
 TRAIN_CENTRE_RANGE = ((9.5, 16.5), (9.5, 17.0))  # 1st to 99th percentile of the box centre's row, column
-# Ink pixels a preprocessed user glyph may have: a normalised glyph has at least its extent in
-# ink (a line); past ~30% of the frame it is a filled shape, not strokes (training max: 21%).
-INK_PIXELS = (TRAIN_EXTENT, 235)
+# Ink pixels a preprocessed user glyph may have: below 4 it is a speck (0.8% of the training
+# glyphs, dots and stray marks, have fewer; a single short stroke has more); past ~30% of the frame
+# it is a filled shape, not strokes (training max: 21%).
+INK_PIXELS = (4, 235)
 MIN_CONTRAST = 0.15  # weakest ink-to-background grey difference read as strokes (0 to 1 scale)
 BACKGROUND_BLOCKS = 24  # background estimated on blocks of 1/24 of the short side (see _ink_mask)
 SUPERSAMPLE = 4  # the glyph is laid out on a 4x finer canvas before the area resize
