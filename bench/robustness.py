@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from vce_deploy.errors import InputError
+from vce_deploy.nll import _log_bernoulli
 from vce_deploy.omniglot import DEFAULT_DATA_DIR
 from vce_deploy.preprocess import preprocess, preprocess_dataset, stroke_width
 
@@ -81,10 +82,10 @@ def off_centre(ink, rng):  # small, in a corner of a large canvas
 
 def photo(ink, rng):
     """Blue ink on off-white paper, 640x480 RGB, lit from one side, a shadow over the left border, JPEG q70."""
-    mask = _paste((480, 640), _scaled(ink, 3.5, pen=6), 40 + rng.integers(30), 150 + rng.integers(60))
+    mask = _paste((480, 640), _scaled(ink, 3.5, pen=6), 40 + rng.integers(30), 150 + rng.integers(60))  # strokes partly in the shadow
     yy, xx = np.mgrid[:480, :640]
     light = 0.75 + 0.25 * xx / 639  # a gradient across the page
-    light = np.where(xx < 60 + 0.1 * yy, light * 0.45, light)  # a hard shadow over the left border
+    light = np.where(xx < 200 + 0.2 * yy, light * 0.45, light)  # a hard shadow over the left third, border included
     paper, pen = np.array([238, 232, 220], np.float32), np.array([35, 55, 170], np.float32)
     rgb = np.where(mask[..., None], pen, paper) * light[..., None] + rng.normal(0, 4, (480, 640, 1))
     buffer = io.BytesIO()
@@ -137,7 +138,6 @@ def shift_iou(a: np.ndarray, b: np.ndarray, max_shift: int = MAX_SHIFT) -> float
 def measure(count: int = 24, seed: int = 0, bundle: str | None = None) -> list[dict]:
     """One row per (rendering, preprocessing): mean shift-IoU, median ink ratio, refused, follow."""
     from vce_deploy import Converter
-    from train.samples import mean_bce
 
     glyphs = raw_glyphs(count, seed=seed)
     truth = np.stack([preprocess_dataset(_on_paper(ink)) for _, ink in glyphs])  # the dataset's own 28x28
@@ -161,13 +161,20 @@ def measure(count: int = 24, seed: int = 0, bundle: str | None = None) -> list[d
                 row["iou"] = float(np.mean([shift_iou(g, truth[i]) for g, i in zip(got, kept)]))
                 row["same"] = float(np.mean([shift_iou(g, clean[i]) for g, i in zip(got, kept)]))
                 row["ink"] = float(np.median(got.sum((1, 2)) / truth[kept].sum((1, 2))))
-                row["follow"] = _follow(converter, got, truth[kept], mean_bce, seed)
+                row["follow"] = _follow(converter, got, truth[kept], seed)
             rows.append(row)
     converter.close()
     return rows
 
 
-def _follow(converter, glyphs: np.ndarray, truth: np.ndarray, mean_bce, seed: int) -> float:
+def _mean_bce(y: np.ndarray, target: np.ndarray) -> float:
+    """Summed BCE of Bernoulli means y (n, 28, 28) against one binary glyph, averaged over the n: nats
+    (the runtime NLL's Bernoulli term, vce_deploy/nll.py)."""
+    y = y.reshape(len(y), -1)
+    return float(-_log_bernoulli(np.broadcast_to(target.reshape(1, -1), y.shape), y).mean())
+
+
+def _follow(converter, glyphs: np.ndarray, truth: np.ndarray, seed: int) -> float:
     """Median over glyphs of: samples' BCE against their own dataset glyph / median BCE against the others'."""
     if len(glyphs) < 2:
         return float("nan")
@@ -177,8 +184,8 @@ def _follow(converter, glyphs: np.ndarray, truth: np.ndarray, mean_bce, seed: in
     samples = converter.run_convertor(z, q).reshape(len(glyphs), n, 28, 28)
     ratios = []
     for row in range(len(glyphs)):
-        own = mean_bce(samples[row], truth[row])
-        others = np.median([mean_bce(samples[row], truth[o]) for o in range(len(glyphs)) if o != row])
+        own = _mean_bce(samples[row], truth[row])
+        others = np.median([_mean_bce(samples[row], truth[o]) for o in range(len(glyphs)) if o != row])
         ratios.append(own / others)
     return float(np.median(ratios))
 

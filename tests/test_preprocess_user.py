@@ -78,7 +78,7 @@ def test_a_photo_with_a_shadowed_border_and_a_gradient_is_not_a_dark_background(
     rgb = np.asarray(_glyph(size=(640, 480), width=6, box=(200, 60, 460, 420), mode="RGB", ink=(35, 55, 170),
                             paper=(238, 232, 220))).astype(np.float32)
     xx = np.arange(640)[None, :]
-    light = np.where(xx < 90, 0.4, 0.7 + 0.3 * xx / 639)
+    light = np.where(xx < 190, 0.4, 0.7 + 0.3 * xx / 639)  # a broad shadow (see docs/preprocessing.md)
     buffer = io.BytesIO()
     Image.fromarray((rgb * light[..., None]).astype(np.uint8)).save(buffer, format="JPEG", quality=70)
     out = preprocess(buffer.getvalue())

@@ -42,7 +42,7 @@ TRAIN_CENTRE_RANGE = ((9.5, 16.5), (9.5, 17.0))  # 1st to 99th percentile of the
 # it is a filled shape, not strokes (training max: 21%).
 INK_PIXELS = (4, 235)
 MIN_CONTRAST = 0.15  # weakest ink-to-background grey difference read as strokes (0 to 1 scale)
-BACKGROUND_BLOCKS = 24  # background estimated on blocks of 1/24 of the short side (see _ink_mask)
+BACKGROUND_BLOCKS = 10  # background estimated on blocks of 1/10 of the short side (see _ink_mask)
 SUPERSAMPLE = 4  # the glyph is laid out on a 4x finer canvas before the area resize
 SPECK_TRIM = 0.2  # percent of ink pixels left out at each side of the glyph's box (JPEG specks)
 
