@@ -37,10 +37,11 @@ CONSUMER_SUFFIX = {"any": "", "tensorrt": "", "cpu": ".cpu"}  # encoder.int8.onn
 VARIANTS = {"fp32": (("fp32", "any"),), "fp16": (("fp16", "any"),), "bf16": (("bf16", "any"),),
             "int8": (("int8-tensorrt", "tensorrt"), ("int8-cpu", "cpu"))}
 LATENT_LAYOUT = "(H, 2): z[2r] and z[2r+1] belong to image row r"
-PREPROCESSING = {
+PREPROCESSING = {  # docs/preprocessing.md
     "steps": ["grayscale", "invert unless the border mean is dark (strokes become 1)",
               "resize to image_size x image_size with a box (area) filter", "binarize at 0.5", "float32 {0, 1}"],
-    "function": "vce_deploy.preprocess.preprocess",
+    "training_function": "vce_deploy.preprocess.preprocess_dataset",  # the steps above, what the model was trained on
+    "function": "vce_deploy.preprocess.preprocess",  # user input, mapped onto the training images' frame
 }
 
 

@@ -131,6 +131,17 @@ PY
     check "A: vce convert -o missing/dir refuses, creates nothing" bash -c "! '$venv/vce' convert glyph.png \
         -o missing/dir/x.png 2>err.txt && grep -q 'does not exist' err.txt && [ ! -e missing ]"
     check "A: vce convert says '1 glyph'" bash -c "'$venv/vce' convert glyph.png -n 1 -o one.png | grep -q '1 glyph x 1 variation,'"
+    # user drawings (issue 22): a 4 px pen on a 500x500 canvas, a blank page, no -o
+    "$venv/python" -c "from PIL import Image, ImageDraw
+thin = Image.new('L', (500, 500), 255); d = ImageDraw.Draw(thin)
+d.line((100, 80, 400, 80), fill=0, width=4); d.line((250, 80, 250, 420), fill=0, width=4)
+d.ellipse((100, 250, 400, 420), outline=0, width=4); thin.save('thin.png'); Image.new('L', (300, 200), 255).save('blank.png')"
+    check "A: vce convert keeps a thin pen's strokes (4 px on 500x500)" bash -c "'$venv/vce' convert thin.png -n 2 \
+        --seed 0 -o thin_out.png && '$venv/python' -c \"from vce_deploy import preprocess; assert preprocess('thin.png').sum() >= 30\""
+    check "A: vce convert refuses a blank image (exit 1, says so, writes nothing)" bash -c "! '$venv/vce' convert \
+        blank.png -o blank_out.png 2>err.txt && grep -q 'no ink' err.txt && [ ! -e blank_out.png ]"
+    check "A: vce convert without -o writes glyph.vce.png and says so" bash -c "'$venv/vce' convert glyph.png -n 2 \
+        --seed 0 | grep -q 'wrote .*glyph.vce.png' && test -s glyph.vce.png"
     # every `vce COMMAND` the README names exists in the installed CLI (the benchmark is
     # `python -m bench`, source tree only: not a `vce` command, so not in this list)
     for command in $(grep -o -E '^vce [a-z-]+' "$clone/README.md" | sort -u | cut -d' ' -f2); do

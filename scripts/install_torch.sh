@@ -57,8 +57,15 @@ if [ "$dry_run" = --dry-run ]; then
     exit 0
 fi
 "${pip[@]}"
-build=$("$python" -c "import torch; print(torch.version.cuda or 'cpu')")
-echo "torch: installed $("$python" -c 'import torch; print(torch.__version__)') (CUDA: $build)"
+# read torch/version.py without importing torch: numpy is not installed yet (setup.sh installs
+# the project after torch), and `import torch` without numpy warns "Failed to initialize NumPy"
+read -r installed build < <("$python" - <<'PY'
+import importlib.util, pathlib, runpy
+version = runpy.run_path(str(pathlib.Path(importlib.util.find_spec("torch").origin).with_name("version.py")))
+print(version["__version__"], version["cuda"] or "cpu")
+PY
+)
+echo "torch: installed $installed (CUDA: $build)"
 if [ "$choice" = cpu ] && [ "$build" != cpu ]; then
     echo "torch: WARNING: asked for the CPU build but got a CUDA build ($build): the CPU wheel index was not" \
          "reachable. Reinstall with: $python -m pip install torch==$version --index-url $cpu_index" >&2

@@ -50,7 +50,7 @@ def test_convert_same_seed_writes_the_same_png(bundle, glyph_files, tmp_path):
 @pytest.mark.parametrize("argv", [
     [],
     ["convert"],
-    ["convert", "x.png"],  # no -o
+    ["convert", "x.png", "-o"],  # -o without its value (no -o at all is allowed: a default name, issue 22)
     ["convert", "x.png", "-o", "y.png", "--backend", "tensorflow"],
     ["convert", "x.png", "-o", "y.png", "-n", "many"],
     ["frobnicate"],

@@ -266,3 +266,6 @@ def test_the_readme_api_snippet_runs(tmp_path, monkeypatch):
     exec(compile(snippet, "README.md (Use it)", "exec"), scope)  # noqa: S102 - our own README
     assert scope["y"].shape == (2, 4, 28, 28)
     assert scope["mu"].shape == (1, 56)
+    width, height = Image.open(tmp_path / "grid.png").size  # y of convert: 1 glyph, 16 cells in a row
+    assert width > 16 * 56 > height >= 56, "the snippet shows saving y (issue 22)"
+    assert "its input is [x, q]" in snippet, "the snippet says why encode takes x first (issue 22)"

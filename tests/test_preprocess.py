@@ -101,8 +101,13 @@ def test_paths(tmp_path):
 
 @settings(max_examples=40, deadline=None)
 @given(height=st.integers(1, 80), width=st.integers(1, 80), seed=st.integers(0, 2**32 - 1))
-def test_any_size_gives_a_binary_28x28(height, width, seed):
+def test_any_size_gives_a_binary_28x28_or_a_clear_refusal(height, width, seed):
+    """Noise of any size: a binary 28x28, or an InputError when it cannot be read as a glyph (issue 22)."""
     image = np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
-    out = preprocess(image)
+    try:
+        out = preprocess(image)
+    except InputError as err:
+        assert "expected a glyph" in str(err)
+        return
     assert out.shape == (28, 28) and out.dtype == np.float32
     assert np.isin(out, (0.0, 1.0)).all()

@@ -31,9 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("-n", type=int, default=DEFAULT_N, help=f"variations per glyph (default {DEFAULT_N})")
     convert.add_argument("--seed", type=int, default=None, help="noise seed (default: a fresh one, printed)")
     convert.add_argument("--temperature", type=float, default=1.0, help="noise scale (default 1.0)")
-    convert.add_argument("-o", "--output", required=True,
+    convert.add_argument("-o", "--output", default=None,
                          help=f"image to write, format from its extension ({', '.join(FORMATS)}); its directory must "
-                              f"exist; rows wrap every {WRAP_CELLS} cells")
+                              f"exist; rows wrap every {WRAP_CELLS} cells (default: FIRST_IMAGE.vce.png beside the "
+                              f"first image, or .vce-2.png, ... when taken: a default never overwrites)")
     convert.add_argument("--bundle", default=None, help="bundle directory (default: the shipped bundle)")
     convert.add_argument("--backend", default="auto", choices=("auto", *BACKENDS))
     convert.add_argument("--precision", default="fp32", choices=("auto", *RUN_PRECISIONS))
@@ -114,6 +115,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .grid import check_grid_size, check_output_path
     from .preprocess import IMAGE_SIZE
 
+    if args.output is None:
+        args.output = default_output(args.images[0])
     # refused before the model loads: a wrong extension, a missing directory, a grid too big to write
     check_output_path(args.output, make_parents=False)
     if args.n >= 1:  # n < 1 is refused by convert, with its own message
@@ -132,6 +135,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
           f"convert {seconds * 1000:.1f} ms")
     converter.close()
     return 0
+
+
+def default_output(first_image: str) -> str:
+    """`vce convert` without -o: glyph.png -> glyph.vce.png beside it; if that exists, glyph.vce-2.png,
+    and so on: a name the user did not choose never overwrites a file."""
+    from pathlib import Path
+
+    source = Path(first_image)
+    stem = source.name[: -len(source.suffix)] if source.suffix else source.name
+    candidate, number = source.with_name(f"{stem}.vce.png"), 2
+    while candidate.exists():
+        candidate, number = source.with_name(f"{stem}.vce-{number}.png"), number + 1
+    return str(candidate)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

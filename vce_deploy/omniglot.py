@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .fsio import atomic_write_bytes, sha256_file
-from .preprocess import preprocess
+from .preprocess import preprocess_dataset
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "omniglot"
 DRAWINGS_PER_CHARACTER = 20
@@ -97,7 +97,7 @@ def _decode_zip(path: Path) -> tuple[list[tuple[str, str, str]], np.ndarray]:
             except (zipfile.BadZipFile, zlib.error, OSError) as err:  # zlib: damaged deflate data
                 raise ValueError(f"{path}: corrupt member {info.filename} ({err})") from err
             keys.append((alphabet, character, file_name))
-            images.append(preprocess(data, what=f"{path.name}:{info.filename}"))
+            images.append(preprocess_dataset(data, what=f"{path.name}:{info.filename}"))
     if not keys:
         raise ValueError(f"{path}: expected Omniglot PNGs laid out as <split>/<alphabet>/<character>/<file>.png, "
                          f"found none")

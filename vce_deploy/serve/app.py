@@ -90,7 +90,7 @@ def create_app(converter, settings: ServeSettings | None = None):
         if settings.max_batch > 0:
             state["batcher"] = Batcher(converter, settings.max_batch, settings.max_wait_ms, settings.max_queue,
                                        timeout=settings.request_timeout_s, on_batch=metrics.on_batch)
-        converter.convert(np.zeros((28, 28), np.float32), 1, seed=0)  # warm the engine before /readyz says so
+        converter.convert(np.eye(28, dtype=np.float32), 1, seed=0)  # warm the engine before /readyz says so (a stroke: blank is refused)
         state["ready"] = True
         try:
             yield
