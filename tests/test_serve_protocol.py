@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import subprocess
+import time
 import sys
 
 import numpy as np
@@ -258,3 +259,21 @@ def test_tritonclient_http_against_vce_serve(tmp_path, converter):
     assert any(line["path"] == "/v2/models/vce/infer" and line["status"] == 200 for line in logged), output[-2000:]
     assert b"Traceback" not in output
 
+
+
+def test_over_the_connection_limit_a_503_with_retry_after_and_others_served(converter):
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = ServeSettings(max_wait_ms=800, max_connections=1)  # one request waits 0.8 s for company
+    with TestClient(create_app(converter, settings)) as limited, ThreadPoolExecutor(1) as pool:
+        held = pool.submit(limited.post, "/v1/convert", json={"image": glyph(0).tolist(), "seed": 1})
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:  # until the first request is in flight
+            over = limited.post("/v1/convert", json={"image": glyph(1).tolist(), "seed": 2})
+            if over.status_code == 503:
+                break
+        assert over.status_code == 503 and over.headers["Retry-After"] == "1", over.text
+        assert over.json()["error"]["code"] == "overloaded"
+        assert limited.get("/readyz").status_code == 200  # probes are answered over the limit
+        assert held.result(10).status_code == 200
+        assert limited.post("/v1/convert", json={"image": glyph(1).tolist(), "seed": 2}).status_code == 200

@@ -305,7 +305,7 @@ def add_serve_parser(commands, backends, precisions) -> None:
     serve.add_argument("--workers", type=int, default=1,
                        help="worker processes, each with its own Converter and --threads split between them")
     serve.add_argument("--max-connections", type=int, default=None,
-                       help="concurrent connections before 503 (default: --max-queue + 64)")
+                       help="requests in flight before a 503 with Retry-After (default: no limit but --max-queue)")
     serve.add_argument("--token-file", default=None,
                        help="a file holding a bearer token every route but the health probes needs (SECURITY.md)")
     serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
@@ -344,10 +344,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              token=read_token(args.token_file) if args.token_file else None,
                              cors_origins=tuple(args.cors_origin), access_log=args.access_log,
                              max_connections=args.max_connections)
-    if args.access_log:
-        import logging
-
-        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     load = {"path": args.bundle, "backend": args.backend, "precision": args.precision, "device": args.device,
             "threads": args.threads}
     if args.ray:

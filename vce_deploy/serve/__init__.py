@@ -43,7 +43,7 @@ def serve(converter, settings: ServeSettings, host: str = "127.0.0.1", port: int
 
     limits = dict(host=host, port=port, log_level="warning", access_log=False, http="httptools", loop="uvloop",
                   timeout_graceful_shutdown=graceful_timeout_s,
-                  limit_concurrency=settings.max_connections or settings.max_queue + 64)  # past it: 503 unread
+                  limit_concurrency=max(settings.max_connections or 0, settings.max_queue) + 64)  # backstop: 503 unread
     if workers <= 1:
         uvicorn.run(create_app(converter, settings), **limits)
         return

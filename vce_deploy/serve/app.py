@@ -257,9 +257,9 @@ def create_app(converter, settings: ServeSettings | None = None):
                                           "Inference-Header-Content-Length"],
                            expose_headers=["X-Request-ID", "X-VCE-Seed", "X-VCE-Shape", "X-VCE-Dtype",
                                            "Inference-Header-Content-Length"])
-    if settings.token is None and not settings.access_log:
+    if settings.token is None and not settings.access_log and settings.max_connections is None:
         return app
-    return Controls(app, settings.token, settings.access_log)
+    return Controls(app, settings.token, settings.access_log, settings.max_connections)
 
 
 def add_v2_routes(app, converter, settings: ServeSettings, info: dict, state: dict, answer, run_convert) -> None:

@@ -49,7 +49,7 @@ class ServeSettings:
     token: str | None = field(default=None, repr=False)  # a bearer token every non-probe route needs
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API
     access_log: bool = False  # one JSON line per request on the vce_deploy.serve.access logger
-    max_connections: int | None = None  # uvicorn's limit_concurrency: past it a 503 before reading
+    max_connections: int | None = None  # requests in flight (health probes aside); past it a 503 with Retry-After
 
 
 class ApiError(Exception):
