@@ -213,6 +213,7 @@ def test_serve_checks_its_extra_before_announcing(monkeypatch, capsys):
 
 
 def test_tritonclient_http_against_vce_serve(tmp_path, converter):
+    """Two worker processes (one thread each) behind one port: every answer the same whichever serves it."""
     http = pytest.importorskip("tritonclient.http")
     from tritonclient.utils import InferenceServerException
     import httpx
@@ -221,8 +222,8 @@ def test_tritonclient_http_against_vce_serve(tmp_path, converter):
     token_file.write_text(TOKEN + "\n")
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "vce_deploy", "serve", "--port", str(port), "--backend",
-                                "onnxruntime", "--threads", "1", "--max-wait-ms", "2", "--token-file", str(token_file),
-                                "--access-log"], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                "onnxruntime", "--threads", "2", "--workers", "2", "--max-wait-ms", "2",
+                                "--token-file", str(token_file), "--access-log"], env={**os.environ, "PYTHONPATH": str(ROOT)},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         wait_ready(port)
@@ -251,6 +252,11 @@ def test_tritonclient_http_against_vce_serve(tmp_path, converter):
             triton.infer("vce", [q], parameters={"n": 0}, headers=dict(auth))
         with pytest.raises(InferenceServerException):
             triton.get_model_metadata("vce")  # no token: 401
+        for _ in range(4):  # spread over both workers
+            q = http.InferInput("q", list(images.shape), "UINT8")
+            q.set_data_from_numpy(images)
+            again = triton.infer("vce", [q], parameters={"n": 2, "seed": 21}, headers=dict(auth)).as_numpy("y")
+            np.testing.assert_array_equal(again, answers[True])
         triton.close()
     finally:
         process.terminate()
