@@ -283,3 +283,9 @@ def test_over_the_connection_limit_a_503_with_retry_after_and_others_served(conv
         assert limited.get("/readyz").status_code == 200  # probes are answered over the limit
         assert held.result(10).status_code == 200
         assert limited.post("/v1/convert", json={"image": glyph(1).tolist(), "seed": 2}).status_code == 200
+
+
+def test_not_ready_until_the_lifespan_has_warmed_the_engine(converter):
+    cold = TestClient(create_app(converter, ServeSettings()))  # no `with`: the lifespan (warm-up) has not run
+    assert cold.get("/readyz").status_code == 503 and cold.get("/v2/health/ready").status_code == 503
+    assert cold.get("/v2/models/vce/ready").status_code == 503 and cold.get("/v2/health/live").status_code == 200

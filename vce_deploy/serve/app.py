@@ -264,7 +264,8 @@ def create_app(converter, settings: ServeSettings | None = None):
 
 def add_v2_routes(app, converter, settings: ServeSettings, info: dict, state: dict, answer, run_convert) -> None:
     """The Open Inference Protocol (serve/oip.py) over the same runtime, batcher and limits as /v1."""
-    ready = lambda: JSONResponse({}, 200 if state["ready"] else 503)  # noqa: E731 - the probes answer no body
+    def ready() -> JSONResponse:  # the probes answer no body, only the status
+        return JSONResponse({}, 200 if state["ready"] else 503)
 
     @app.get("/v2", summary="Open Inference Protocol: server metadata")
     async def v2_server():
@@ -324,7 +325,8 @@ def add_offline_docs(app) -> None:
         return get_swagger_ui_html(openapi_url=app.openapi_url, title="vce serve: API",
                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs-assets/swagger-ui.css",
-                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png",
+                                   swagger_ui_parameters={"validatorUrl": None})  # no badge from validator.swagger.io
 
 
 def _replay(body: bytes):

@@ -117,7 +117,8 @@ def _tensor(tensor: dict, binary: memoryview, settings: ServeSettings) -> np.nda
                                              f"{_describe(tensor.get('data'))}")
     array = array.reshape(shape)
     low, high = (0.0, 1.0) if datatype == "FP32" else (0, 255)
-    if not (np.isfinite(array).all() if datatype == "FP32" else True) or array.min() < low or array.max() > high:
+    finite = datatype != "FP32" or bool(np.isfinite(array).all())
+    if not finite or array.min() < low or array.max() > high:
         raise ApiError(400, "bad_input", f"{CONDITION}: expected {datatype} values in [{low}, {high}], got values "
                                          f"in [{array.min()}, {array.max()}]")
     return array
