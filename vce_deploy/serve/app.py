@@ -108,7 +108,7 @@ def create_app(converter, settings: ServeSettings | None = None):
     app = FastAPI(title="vce serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="One-shot glyph conversion with a VCE bundle: docs/serving.md")
 
-    def refusal(err: Exception) -> ApiError:
+    def refusal(err: Exception, route: str) -> ApiError:
         """Every failure a route can meet, as the ApiError it is answered with."""
         if isinstance(err, ApiError):
             return err
@@ -120,7 +120,7 @@ def create_app(converter, settings: ServeSettings | None = None):
             return ApiError(504, "timeout", str(err))
         if isinstance(err, ClientDisconnect):
             return ApiError(400, "client_disconnected", "expected a whole request body, the client disconnected")
-        log.exception("request failed")  # an engine failure: logged, answered as JSON, the server goes on
+        log.exception("%s failed", route)  # an engine failure: logged, answered as JSON, the server goes on
         return ApiError(500, "internal", f"the server failed on this request ({type(err).__name__}); see its log")
 
     async def answer(route: str, request: Request, handle: Callable[[bytes], Awaitable[Response]]) -> Response:
@@ -132,7 +132,7 @@ def create_app(converter, settings: ServeSettings | None = None):
             body = await read_body(request.stream(), request.headers.get("content-length"), settings)
             response = await handle(body)
         except Exception as caught:
-            err = refusal(caught)
+            err = refusal(caught, route)
             content = {"error": err.message} if route.startswith("v2") else err.body()
             response = JSONResponse(content, err.status, headers=err.headers)
             metrics.errors.labels(route, err.code).inc()
