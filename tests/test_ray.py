@@ -60,7 +60,7 @@ def test_ray_serve_batches_and_answers_each_request_alone(ray_url):
         answers = list(pool.map(ask, range(12)))
     for k, answer in enumerate(answers):
         np.testing.assert_allclose(np.array(answer["images"], np.float32), converter.convert(glyph(k), 2, seed=500 + k),
-                                   atol=1e-6)
+                                   atol=0.5e-4 + 1e-7)  # JSON answers are rounded to 4 decimals
     assert max(a["batch_requests"] for a in answers) > 1  # @serve.batch merged concurrent requests
     bad = httpx.post(ray_url + "?n=0", content=b"not an image", headers={"Content-Type": "image/png"}, timeout=60)
     assert bad.status_code == 400 and bad.json()["error"]["code"] in ("not_an_image", "bad_parameter")

@@ -327,36 +327,72 @@ def add_serve_parser(commands, backends, precisions) -> None:
     serve.add_argument("--max-queue", type=int, default=1024, help="queued requests before 503 (default 1024)")
     serve.add_argument("--max-n", type=int, default=64, help="largest n per request (default 64)")
     serve.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes, each with its own Converter and --threads split between them")
+    serve.add_argument("--max-connections", type=int, default=None,
+                       help="requests in flight before a 503 with Retry-After (default: no limit but --max-queue)")
+    serve.add_argument("--token-file", default=None,
+                       help="a file holding a bearer token every route but the health probes needs (SECURITY.md)")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="a browser origin allowed to call the API (repeatable; default: none)")
+    serve.add_argument("--access-log", action="store_true", help="one JSON line per request on stderr")
     serve.add_argument("--ray", action="store_true", help="serve on Ray Serve instead (vce_deploy/serve/ray_app.py)")
     serve.add_argument("--ray-address", default=None, help="with --ray: an existing cluster (default: start one)")
     serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the deployment")
     serve.add_argument("--cpus-per-replica", type=float, default=1.0, help="with --ray: CPUs each replica reserves")
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from .serve import ServeSettings
+def read_token(path: str) -> str:
+    """The bearer token from its file (one line; surrounding whitespace is not part of it)."""
+    from .errors import InputError
 
-    if args.max_batch < 0 or args.max_n < 1 or args.max_queue < 1 or not 0 <= args.max_wait_ms <= 10_000:
-        print("vce serve: error: expected --max-batch >= 0, --max-n >= 1, --max-queue >= 1 and --max-wait-ms in "
-              "[0, 10000]", file=sys.stderr)
+    try:
+        token = open(path, encoding="utf-8").read().strip()
+    except OSError as err:
+        raise InputError(f"--token-file: expected a readable file, got {path!r} ({err.strerror})") from None
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise InputError(f"--token-file: expected one token of at least 16 characters without spaces in {path!r}")
+    return token
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import ServeSettings, check_extra
+
+    if (args.max_batch < 0 or args.max_n < 1 or args.max_queue < 1 or not 0 <= args.max_wait_ms <= 10_000
+            or args.workers < 1 or (args.max_connections is not None and args.max_connections < 1)):
+        print("vce serve: error: expected --max-batch >= 0, --max-n >= 1, --max-queue >= 1, --workers >= 1, "
+              "--max-connections >= 1 and --max-wait-ms in [0, 10000]", file=sys.stderr)
         return 2
+    check_extra()  # before anything is loaded or announced (issue 22)
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-                             max_n=args.max_n, max_body_bytes=args.max_body_bytes)
-    load = {"backend": args.backend, "precision": args.precision, "device": args.device, "threads": args.threads}
+                             max_n=args.max_n, max_body_bytes=args.max_body_bytes,
+                             token=read_token(args.token_file) if args.token_file else None,
+                             cors_origins=tuple(args.cors_origin), access_log=args.access_log,
+                             max_connections=args.max_connections)
+    load = {"path": args.bundle, "backend": args.backend, "precision": args.precision, "device": args.device,
+            "threads": args.threads}
     if args.ray:
         from .serve.ray_app import run_ray
 
-        run_ray(args.bundle, load, settings, host=args.host, port=args.port, replicas=args.replicas,
+        ray_load = {k: v for k, v in load.items() if k != "path"}
+        run_ray(args.bundle, ray_load, settings, host=args.host, port=args.port, replicas=args.replicas,
                 cpus_per_replica=args.cpus_per_replica, address=args.ray_address)
         return 0
+    from .backends.base import physical_cores
     from .converter import Converter
     from .serve import serve
 
-    converter = Converter.load(args.bundle, **load)
+    batching = "off" if args.max_batch == 0 else f"max {args.max_batch} rows, wait {args.max_wait_ms:g} ms"
+    if args.workers > 1:  # each worker loads its own Converter with its share of the threads
+        load["threads"] = max(1, (args.threads or physical_cores()) // args.workers)
+        print(f"vce serve: http://{args.host}:{args.port}/ ({args.workers} workers, {load['threads']} threads each; "
+              f"batching {batching})", flush=True)
+        serve(None, settings, host=args.host, port=args.port, workers=args.workers, load=load)
+        return 0
+    converter = Converter.load(**load)
     loaded = converter.backend_info
     print(f"vce serve: http://{args.host}:{args.port}/ ({loaded.name} on {loaded.device} at "
-          f"{converter.precision}; batching {'off' if args.max_batch == 0 else f'max {args.max_batch} rows, wait {args.max_wait_ms:g} ms'})",
-          flush=True)
+          f"{converter.precision}; batching {batching})", flush=True)
     serve(converter, settings, host=args.host, port=args.port)
     converter.close()
     return 0

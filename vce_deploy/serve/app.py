@@ -26,9 +26,12 @@ from ..batching import Batcher, ConvertRequest, convert_merged
 from ..errors import InputError, OverloadedError, RequestTimeoutError
 from ..inputs import preprocess_batch
 from ..preprocess import preprocess
+from . import oip
+from .controls import Controls
 from .metrics import ServeMetrics
-from .requests import (IMAGE_TYPES, ApiError, Options, ServeSettings, checked_request, image_from_bytes,
-                       json_answer, media_type, options, parse_plain, png_grid, unsupported)
+from .requests import (IMAGE_TYPES, TENSOR_TYPES, ApiError, Options, ServeSettings, checked_request,
+                       image_from_bytes, json_answer, media_type, options, parse_plain, png_grid, tensor_answer,
+                       unsupported)
 
 log = logging.getLogger("vce_deploy.serve")
 CONVERT_DOC = """n variations of each posted glyph.
@@ -36,14 +39,17 @@ CONVERT_DOC = """n variations of each posted glyph.
 Send the glyph as a raw image body (`Content-Type: image/png`, parameters in the query
 string), as `multipart/form-data` (file field `image`, repeatable; fields n, seed,
 temperature), or as JSON `{"image": [[...]]}` / `{"images": [...]}` with n, seed and
-temperature beside it. Answer: JSON arrays (default) or, with `format=png` or
-`Accept: image/png`, one PNG grid with each condition first in its row.
+temperature beside it. Answer: JSON arrays rounded to 4 decimals (default), or with
+`Accept: image/png` (or `format=png`) one PNG grid with each condition first in its row, or with
+`Accept: application/octet-stream` (or `format=float16` / `format=uint8`) the raw tensor bytes,
+shape and dtype in the `X-VCE-Shape` and `X-VCE-Dtype` headers.
 """
 BODY_SCHEMA = {"requestBody": {"content": {
     "application/json": {"schema": {"type": "object", "properties": {
         "image": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
         "n": {"type": "integer", "minimum": 1}, "seed": {"type": "integer", "minimum": 0},
-        "temperature": {"type": "number"}, "format": {"type": "string", "enum": ["json", "png"]}}}},
+        "temperature": {"type": "number"},
+        "format": {"type": "string", "enum": ["json", "png", "float16", "uint8"]}}}},
     "image/png": {"schema": {"type": "string", "format": "binary"}},
     "multipart/form-data": {"schema": {"type": "object", "properties": {
         "image": {"type": "string", "format": "binary"}}}}}}}
@@ -99,37 +105,37 @@ def create_app(converter, settings: ServeSettings | None = None):
             if state["batcher"] is not None:  # uvicorn has finished the requests in flight: drain the rest
                 await asyncio.get_running_loop().run_in_executor(None, state["batcher"].close)
 
-    app = FastAPI(title="vce serve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="vce serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="One-shot glyph conversion with a VCE bundle: docs/serving.md")
 
+    def refusal(err: Exception, route: str) -> ApiError:
+        """Every failure a route can meet, as the ApiError it is answered with."""
+        if isinstance(err, ApiError):
+            return err
+        if isinstance(err, InputError):
+            return ApiError(400, "bad_input", str(err))
+        if isinstance(err, OverloadedError):
+            return ApiError(503, "overloaded", str(err), headers={"Retry-After": "1"})
+        if isinstance(err, RequestTimeoutError):
+            return ApiError(504, "timeout", str(err))
+        if isinstance(err, ClientDisconnect):
+            return ApiError(400, "client_disconnected", "expected a whole request body, the client disconnected")
+        log.exception("%s failed", route)  # an engine failure: logged, answered as JSON, the server goes on
+        return ApiError(500, "internal", f"the server failed on this request ({type(err).__name__}); see its log")
+
     async def answer(route: str, request: Request, handle: Callable[[bytes], Awaitable[Response]]) -> Response:
-        """Every route's one wrapper: body limits, errors as JSON, metrics."""
+        """Every route's one wrapper: body limits, errors as JSON (the /v2 protocol's own shape on
+        /v2 routes, the same status), metrics."""
         start = time.perf_counter()
         metrics.in_flight.inc()
         try:
             body = await read_body(request.stream(), request.headers.get("content-length"), settings)
             response = await handle(body)
-        except ApiError as err:
-            response = JSONResponse(err.body(), err.status, headers=err.headers)
+        except Exception as caught:
+            err = refusal(caught, route)
+            content = {"error": err.message} if route.startswith("v2") else err.body()
+            response = JSONResponse(content, err.status, headers=err.headers)
             metrics.errors.labels(route, err.code).inc()
-        except InputError as err:
-            response = JSONResponse(ApiError(400, "bad_input", str(err)).body(), 400)
-            metrics.errors.labels(route, "bad_input").inc()
-        except OverloadedError as err:
-            response = JSONResponse(ApiError(503, "overloaded", str(err)).body(), 503, headers={"Retry-After": "1"})
-            metrics.errors.labels(route, "overloaded").inc()
-        except RequestTimeoutError as err:
-            response = JSONResponse(ApiError(504, "timeout", str(err)).body(), 504)
-            metrics.errors.labels(route, "timeout").inc()
-        except ClientDisconnect:
-            response = JSONResponse(ApiError(400, "client_disconnected", "expected a whole request body, the "
-                                                                         "client disconnected").body(), 400)
-            metrics.errors.labels(route, "client_disconnected").inc()
-        except Exception as err:  # an engine failure: logged, answered as JSON, the server goes on
-            log.exception("%s failed", route)
-            response = JSONResponse(ApiError(500, "internal", f"the server failed on this request "
-                                                              f"({type(err).__name__}); see its log").body(), 500)
-            metrics.errors.labels(route, "internal").inc()
         finally:
             metrics.in_flight.dec()
         metrics.requests.labels(route, str(response.status_code)).inc()
@@ -180,6 +186,9 @@ def create_app(converter, settings: ServeSettings | None = None):
                    "X-VCE-Time-Ms": f"{ms:.2f}"}
         if opts.answer == "png":
             return Response(png_grid(conditions, samples), media_type="image/png", headers=headers)
+        if opts.answer in TENSOR_TYPES:
+            data, shape = tensor_answer(samples, opts.answer)
+            return Response(data, media_type="application/octet-stream", headers={**headers, **shape})
         return Response(json_answer(samples, opts, {**info, "time_ms": round(ms, 3)}), media_type="application/json",
                         headers=headers)
 
@@ -229,6 +238,9 @@ def create_app(converter, settings: ServeSettings | None = None):
         data, content_type = metrics.exposition()
         return Response(data, media_type=content_type)
 
+    add_v2_routes(app, converter, settings, info, state, answer, run_convert)
+    add_offline_docs(app)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return HTMLResponse((resources.files(__package__) / "static" / "index.html").read_text())
@@ -237,7 +249,84 @@ def create_app(converter, settings: ServeSettings | None = None):
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.serving = state
-    return app
+    if settings.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-ID",
+                                          "Inference-Header-Content-Length"],
+                           expose_headers=["X-Request-ID", "X-VCE-Seed", "X-VCE-Shape", "X-VCE-Dtype",
+                                           "Inference-Header-Content-Length"])
+    if settings.token is None and not settings.access_log and settings.max_connections is None:
+        return app
+    return Controls(app, settings.token, settings.access_log, settings.max_connections)
+
+
+def add_v2_routes(app, converter, settings: ServeSettings, info: dict, state: dict, answer, run_convert) -> None:
+    """The Open Inference Protocol (serve/oip.py) over the same runtime, batcher and limits as /v1."""
+    def ready() -> JSONResponse:  # the probes answer no body, only the status
+        return JSONResponse({}, 200 if state["ready"] else 503)
+
+    @app.get("/v2", summary="Open Inference Protocol: server metadata")
+    async def v2_server():
+        return {"name": "vce serve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live", summary="Open Inference Protocol: the process is up")
+    async def v2_live():
+        return JSONResponse({}, 200)
+
+    @app.get("/v2/health/ready", summary="Open Inference Protocol: the engine is warm")
+    async def v2_ready():
+        return ready()
+
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        @app.get(prefix, summary="Open Inference Protocol: model metadata (from vce_deploy/contract.py)")
+        async def v2_model(name: str, version: str | None = None):
+            try:
+                oip.check_model(name, version)
+            except ApiError as err:
+                return JSONResponse({"error": err.message}, err.status)
+            return oip.model_metadata(converter.image_size, info)
+
+        @app.get(prefix + "/ready", summary="Open Inference Protocol: the model is ready")
+        async def v2_model_ready(name: str, version: str | None = None):
+            try:
+                oip.check_model(name, version)
+            except ApiError as err:
+                return JSONResponse({"error": err.message}, err.status)
+            return ready()
+
+        @app.post(prefix + "/infer", summary="Open Inference Protocol: n variations of each glyph in q")
+        async def v2_infer(name: str, request: Request, version: str | None = None):
+            async def handle(body: bytes) -> Response:
+                oip.check_model(name, version)
+                parsed = oip.parse_infer(body, request.headers.get(oip.HEADER_LENGTH), settings)
+                opts = options(parsed.fields, None, settings)
+                samples = await run_convert(checked_request(converter, parsed.images, opts))
+                data, headers = oip.infer_answer(samples, parsed, opts.seed)
+                return Response(data, headers=headers)
+
+            return await answer("v2_infer", request, handle)
+
+
+def add_offline_docs(app) -> None:
+    """/docs from Swagger UI's files in the swagger-ui-bundle package, served by this app: the page
+    names no CDN, so it works on a box with no network (issue 22)."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:  # the serve extra brings it; without it /docs is absent rather than blank
+        return
+    from fastapi.openapi.docs import get_swagger_ui_html
+
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="vce serve: API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png",
+                                   swagger_ui_parameters={"validatorUrl": None})  # no badge from validator.swagger.io
 
 
 def _replay(body: bytes):

@@ -17,7 +17,8 @@ from typing import Any
 
 from ..batching import ConvertRequest, convert_merged
 from ..errors import InputError
-from .requests import ApiError, ServeSettings, checked_request, json_answer, media_type, options, parse_plain, png_grid
+from .requests import (TENSOR_TYPES, ApiError, ServeSettings, checked_request, json_answer, media_type, options,
+                       parse_plain, png_grid, tensor_answer)
 
 
 def build_app(bundle: str | None, load: dict[str, Any], settings: ServeSettings, replicas: int = 1,
@@ -66,6 +67,9 @@ def build_app(bundle: str | None, load: dict[str, Any], settings: ServeSettings,
                     "precision": self.converter.precision, "batch_requests": merged, "time_ms": round(ms, 3)}
             if opts.answer == "png":
                 return Response(png_grid(checked.conditions, samples), media_type="image/png")
+            if opts.answer in TENSOR_TYPES:
+                data, headers = tensor_answer(samples, opts.answer)
+                return Response(data, media_type="application/octet-stream", headers=headers)
             return Response(json_answer(samples, opts, info), media_type="application/json")
 
     return VCEConverter.bind()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -19,8 +19,16 @@ from ..batching import ConvertRequest, make_request
 from ..errors import InputError
 from ..grid import grid_image
 
+try:  # the serve extra installs orjson (several times faster on arrays); json stays the fallback
+    import orjson
+except ImportError:  # pragma: no cover - only without the serve extra's orjson
+    orjson = None
+
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp")
 MAX_SEED = 2**63 - 1
+JSON_DECIMALS = 4  # JSON answers are rounded: 1e-4 is below a pixel's 1/255; binary answers are exact
+TENSOR_TYPES = {"float16": np.float16, "uint8": np.uint8}  # application/octet-stream answers
+ANSWERS = ("json", "png", *TENSOR_TYPES)
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,11 @@ class ServeSettings:
     max_images: int = 16  # glyphs per request
     max_n: int = 64  # variations per glyph
     inline_decode_pixels: int = 256 * 256  # smaller images are decoded on the event loop (cheaper than a thread hop)
+    # production controls, all off by default (SECURITY.md)
+    token: str | None = field(default=None, repr=False)  # a bearer token every non-probe route needs
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API
+    access_log: bool = False  # one JSON line per request on the vce_deploy.serve.access logger
+    max_connections: int | None = None  # requests in flight (health probes aside); past it a 503 with Retry-After
 
 
 class ApiError(Exception):
@@ -86,7 +99,7 @@ class Options:
     n: int
     seed: int
     temperature: float
-    answer: str  # "json" | "png"
+    answer: str  # one of ANSWERS
 
 
 def options(fields: Mapping[str, Any], accept: str | None, settings: ServeSettings, default_n: int = 1) -> Options:
@@ -97,10 +110,21 @@ def options(fields: Mapping[str, Any], accept: str | None, settings: ServeSettin
     temperature = _number(fields.get("temperature", 1.0), "temperature")
     answer = fields.get("format")
     if answer is None:
-        answer = "png" if "image/png" in (accept or "") and "application/json" not in (accept or "") else "json"
-    if answer not in ("json", "png"):
-        raise ApiError(400, "bad_parameter", f"format: expected 'json' or 'png', got {answer!r}")
+        answer = negotiated(accept)
+    if answer not in ANSWERS:
+        raise ApiError(400, "bad_parameter", f"format: expected one of {list(ANSWERS)}, got {answer!r}")
     return Options(n, seed, temperature, answer)
+
+
+def negotiated(accept: str | None) -> str:
+    """The answer format an Accept header asks for: JSON unless the client names only binary types
+    (image/png: a grid; application/octet-stream: float16 tensor bytes)."""
+    accept = (accept or "").lower()
+    if "application/json" in accept:
+        return "json"
+    if "image/png" in accept:
+        return "png"
+    return "float16" if "application/octet-stream" in accept else "json"
 
 
 # -- images ----------------------------------------------------------------------------------
@@ -207,7 +231,24 @@ def png_grid(conditions: np.ndarray, samples: np.ndarray) -> bytes:
     return png.getvalue()
 
 
+def dumps(payload: Mapping[str, Any]) -> bytes:
+    """Compact JSON of a payload whose arrays are numpy (orjson writes them without a list copy)."""
+    if orjson is not None:
+        return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+    return json.dumps(payload, separators=(",", ":"), default=np.ndarray.tolist).encode()
+
+
 def json_answer(samples: np.ndarray, opts: Options, info: Mapping[str, Any]) -> bytes:
     payload = {"seed": opts.seed, "n": opts.n, "temperature": opts.temperature, "shape": list(samples.shape),
-               **info, "images": samples.tolist()}
-    return json.dumps(payload, separators=(",", ":")).encode()
+               **info, "images": np.ascontiguousarray(np.round(samples, JSON_DECIMALS), np.float32)}
+    return dumps(payload)
+
+
+def tensor_answer(samples: np.ndarray, answer: str) -> tuple[bytes, dict[str, str]]:
+    """Raw little-endian tensor bytes (C order) and the headers that say how to read them:
+    uint8 is round(255 y), float16 is y to half precision."""
+    if answer == "uint8":
+        data = np.rint(samples * 255).astype(np.uint8)
+    else:
+        data = samples.astype("<f2")
+    return data.tobytes(), {"X-VCE-Shape": ",".join(map(str, data.shape)), "X-VCE-Dtype": answer}
