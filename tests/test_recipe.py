@@ -133,7 +133,10 @@ def test_ablate_scores_every_row_at_every_milestone_from_one_trunk(tmp_path):
     text = (tmp_path / "docs" / "results.md").read_text()
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert len(table) == 3 and "NLL after 8 steps' pairs" in table[0]
-    assert all(cell.count("±") == 2 for cell in table[1:]), "every row scored at both milestones"
+    assert all(line.count("±") == 3 for line in table[1:]), "every row scored at both milestones, and paired"
+    assert "| +0.00 ± 0.00 |" in table[1], "the first row is the paired reference"
+    first_scores = [line.split("|")[2] for line in table[1:]]
+    assert first_scores != [line.split("|")[3] for line in table[1:]], "each milestone has its own score"
     assert ablate_main(args) == 0, "resumable: a second call trains and scores nothing new"
     with pytest.raises(SystemExit):
         ablate_main(args[:8] + ["--rows", "none,nope"])

@@ -83,17 +83,21 @@ def prepare(trunk: Path, run_dir: Path, config: TrainConfig) -> int:
     return int(meta["step"])
 
 
-def score(run_dir: Path, x, q, settings: dict, batch_size: int) -> dict:
-    """The row's validation NLL at its current step, cached in run_dir/nll_validation_<step>.json."""
+def score(run_dir: Path, step: int, x, q, settings: dict, batch_size: int) -> dict:
+    """The row's validation NLL at `step`, cached in run_dir/nll_validation_<step>.json; computed
+    only when the row's checkpoint stands at that step (a row trained past it has its score)."""
     from vce_deploy.nll import load_evaluable, one_shot_nll, sem_over_characters
 
-    step = read_meta(run_dir / CHECKPOINT)["step"]
     cache = run_dir / f"nll_validation_{step:07d}.json"
     settings = dict(settings, step=step)
     if cache.is_file():
         record = json.loads(cache.read_text())
         if record.get("settings") == settings:
             return record
+    at = read_meta(run_dir / CHECKPOINT)["step"]
+    if at != step:
+        raise CheckpointError(f"{run_dir}: no score at step {step} with these settings, and the row stands at "
+                              f"step {at}; score it with the settings it was scored with, or use another --out")
     converter, _ = load_evaluable(run_dir / CHECKPOINT, threads=1)
     t0 = time.perf_counter()
     result = one_shot_nll(converter, x, q, k=settings["k"], seed=settings["seed"], batch_size=batch_size)
@@ -104,6 +108,19 @@ def score(run_dir: Path, x, q, settings: dict, batch_size: int) -> dict:
     return record
 
 
+def paired(row: dict | None, reference: dict | None) -> str:
+    """Mean and SE over characters of the per-target NLL difference on the same targets and
+    noise: far tighter than the two rows' own SEs, which share most of their spread."""
+    if row is None or reference is None:
+        return "-"
+    import numpy as np
+
+    per_character = (np.asarray(row["nll_per_target"]) - np.asarray(reference["nll_per_target"])).reshape(
+        -1, targets_per_character(False)).mean(1)
+    sem = per_character.std(ddof=1) / np.sqrt(len(per_character)) if len(per_character) > 1 else 0.0
+    return f"{per_character.mean():+.2f} ± {sem:.2f}"
+
+
 def markdown(rows: list[Row], scores: dict[str, dict[int, dict]], milestones: list[int], trunk: Path,
              trunk_meta: dict, command: str, machine: str) -> str:
     trunk_config = TrainConfig.from_dict(trunk_meta["train_config"])
@@ -112,7 +129,9 @@ def markdown(rows: list[Row], scores: dict[str, dict[int, dict]], milestones: li
     first = next(iter(next(iter(scores.values())).values()))
     best = min(rows, key=lambda r: scores[r.name][milestones[-1]]["nll_mean"]) if all(
         milestones[-1] in scores[r.name] for r in rows) else None
-    head = "| row | " + " | ".join(f"NLL after {m:,} steps' pairs" for m in milestones) + " | rank at each |"
+    last, reference = milestones[-1], rows[0]
+    head = ("| row | " + " | ".join(f"NLL after {m:,} steps' pairs" for m in milestones)
+            + f" | rank at each | paired vs `{reference.name}` at {last:,} |")
     lines = [SECTION_BEGIN, "## Recipe ablations on the validation alphabets (train.ablate)", "",
              f"One-shot NLL in nats on the {first['targets']} targets of the validation part "
              f"({held_out}), never trained on; K = {first['k']} "
@@ -120,14 +139,15 @@ def markdown(rows: list[Row], scores: dict[str, dict[int, dict]], milestones: li
              f"(`{trunk}`, step {trunk_meta['step']}: recipe `augment={trunk_config.augment or 'none'}`, lr "
              f"{trunk_config.lr_at(trunk_meta['step']):g} at the branch point) and trains the same number of "
              f"pairs (19 a character) with seed {trunk_config.seed}, at a constant rate.", "",
-             head, "|---|" + "---|" * (len(milestones) + 1)]
+             head, "|---|" + "---|" * (len(milestones) + 2)]
     ranks = {m: sorted((r for r in rows if m in scores[r.name]), key=lambda r: scores[r.name][m]["nll_mean"])
              for m in milestones}
     for row in rows:
         cells = [f"{scores[row.name][m]['nll_mean']:.2f} ± {scores[row.name][m]['nll_sem_characters']:.2f}"
                  if m in scores[row.name] else "not run" for m in milestones]
         order = " / ".join(str(ranks[m].index(row) + 1) if row in ranks[m] else "-" for m in milestones)
-        lines.append(f"| {row.label} (`{row.name}`) | " + " | ".join(cells) + f" | {order} |")
+        lines.append(f"| {row.label} (`{row.name}`) | " + " | ".join(cells) + f" | {order} | "
+                     f"{paired(scores[row.name].get(last), scores[reference.name].get(last))} |")
     lines += ["", f"Command: `{command}`, on {machine}, one thread, beside the campaign and other jobs "
               "(wall times are not comparable; steps are)."]
     if best is not None:
@@ -178,7 +198,7 @@ def main(argv=None) -> int:
                 at = prepare(trunk, run_dir, config)
                 if at < config.total_steps:
                     train(config, run_dir, data_dir=args.data_dir, progress=False)
-                record = score(run_dir, x, q, settings, args.batch_size)
+                record = score(run_dir, config.total_steps, x, q, settings, args.batch_size)
                 scores[row.name][milestone] = record
                 print(f"[{row.name}] {milestone} steps' pairs: validation NLL {record['nll_mean']:.2f} ± "
                       f"{record['nll_sem_characters']:.2f} ({record['seconds']:.0f} s)", flush=True)
