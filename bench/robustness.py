@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import platform
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -30,6 +29,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageFilter
 
+from vce_deploy.cpu import cpu_model
 from vce_deploy.errors import InputError
 from vce_deploy.nll import _log_bernoulli
 from vce_deploy.omniglot import DEFAULT_DATA_DIR
@@ -218,16 +218,6 @@ def training_stats() -> dict:
             "mean stroke width": float(np.mean(stroke_width(images))), "ink range": (int(ink.min()), int(ink.max()))}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.robustness", description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=24, help="test glyphs re-drawn per rendering (default 24)")
@@ -240,7 +230,7 @@ def main(argv=None) -> int:
             print(f"{key}: {value}")
         return 0
     print(table(measure(args.count, args.seed, args.bundle), args.count))
-    print(f"\nCPU: {cpu_name()}; onnxruntime fp32; seed {args.seed}")
+    print(f"\nCPU: {cpu_model()}; onnxruntime fp32; seed {args.seed}")
     return 0
 
 

@@ -27,7 +27,7 @@ from vce_deploy.errors import CheckpointError
 from vce_deploy.omniglot import targets_per_character
 
 from .config import TrainConfig, validate
-from .table1 import write_section
+from .table1 import pick_rows, write_section
 from .train import CHECKPOINT, branch
 
 SECTION_BEGIN = "<!-- ablate:begin (written by python -m train.ablate; edits inside are overwritten) -->"
@@ -169,11 +169,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=1000, help="convertor batch for the NLL")
     parser.add_argument("--data-dir", default=None, help="folder with the Omniglot zips")
     args = parser.parse_args(argv)
-    by_name = {r.name: r for r in ROWS}
-    unknown = [n for n in args.rows.split(",") if n not in by_name]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; expected some of {list(by_name)}")
-    rows = [by_name[n] for n in args.rows.split(",")]
+    rows = pick_rows(parser, args.rows, ROWS)
     milestones = sorted(set(args.steps))
 
     from vce_deploy.nll import load_targets

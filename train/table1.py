@@ -224,6 +224,15 @@ def results_markdown(rows: list[Row], records: dict[str, dict[str, dict]], count
     return "\n".join(lines)
 
 
+def pick_rows(parser: argparse.ArgumentParser, names: str, rows: tuple) -> list:
+    """--rows a,b -> those rows in the order given; an unknown name is a usage error listing the known."""
+    by_name = {r.name: r for r in rows}
+    unknown = [n for n in names.split(",") if n not in by_name]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; expected some of {list(by_name)}")
+    return [by_name[n] for n in names.split(",")]
+
+
 def write_section(path: Path, section: str, begin: str = SECTION_BEGIN, end: str = SECTION_END) -> None:
     """Replace the section between `begin` and `end` of results.md (or append it), leaving the
     rest of the file alone."""
@@ -254,11 +263,7 @@ def main(argv=None) -> int:
                         help="test on every N-th character only (the validation part is always whole)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    by_name = {r.name: r for r in ROWS}
-    unknown = [n for n in args.rows.split(",") if n not in by_name]
-    if unknown:
-        parser.error(f"unknown rows {unknown}; expected some of {list(by_name)}")
-    rows = [by_name[n] for n in args.rows.split(",")]
+    rows = pick_rows(parser, args.rows, ROWS)
 
     from vce_deploy.nll import load_targets
     from .train import train

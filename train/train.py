@@ -247,7 +247,7 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
             x = jitter_drawings(x, rng)
         return tuple(torch.from_numpy(a).to(device, memory_format=memory_format) for a in (x, q))
 
-    def save(step: int, name: str = "checkpoint.safetensors", extra: dict | None = None) -> None:
+    def save(step: int, name: str = CHECKPOINT, extra: dict | None = None) -> None:
         _save(out, model, optimizers, config, step, {"train_loss_recent_mean": device_step.mean(recent), **(extra or {})},
               name=name, branched_from=branched_from)
 
