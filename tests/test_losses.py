@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 from torch.nn import functional as F
 
-from train.config import TrainConfig
-from train.losses import con, hinge, introvae_loss, kl, lmvae_loss, reg, vae_loss
+import train.train as train_module
+from train.config import TrainConfig, validate
+from train.losses import PAPER_KL, KLTerm, con, free_bits_kl, hinge, introvae_loss, kl, lmvae_loss, reg, vae_loss
 from train.train import apply_gradients, reptile_outer_step
 from vce_deploy.model import VCE, ModelConfig
 
@@ -233,3 +235,50 @@ def test_bf16_autocast_follows_the_cpu(monkeypatch, autocast, native, want):
 
     monkeypatch.setattr(train_module, "has_native_bf16", lambda: native)
     assert train_module.use_bf16(TrainConfig(autocast=autocast)) is want
+
+
+def test_free_bits_floor_each_dimensions_batch_mean_kl_by_hand():
+    # dimension 0: KL 0.5 * mu^2 = 2 and 0 in the two samples (batch mean 1); dimension 1 collapsed (0)
+    mu = torch.tensor([[2.0, 0.0], [0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    logvar = torch.zeros(2, 2, dtype=torch.float64, requires_grad=True)
+    assert free_bits_kl(mu, logvar, 0.25).item() == pytest.approx(1.0 + 0.25)  # the collapsed one costs the floor
+    assert free_bits_kl(mu, logvar, 1.5).item() == pytest.approx(1.5 + 1.5)
+    free_bits_kl(mu, logvar, 0.25).backward()
+    assert mu.grad[:, 1].abs().sum() == 0 and logvar.grad[:, 1].abs().sum() == 0, "below the floor: no push to close"
+    assert mu.grad[0, 0].item() == pytest.approx(1.0)  # d/dmu of 0.5 mu^2 / 2 samples
+
+
+def test_kl_term_defaults_are_eq4_bit_for_bit_and_its_options_change_the_objective():
+    model, x, q = _tiny_batch(seed=8)
+    mu, logvar = model.encoder(x, q)
+    plain = kl(mu, logvar)
+    assert PAPER_KL.objective(mu, logvar, plain) is plain
+    # the losses: the default objective is the old formula's value bit for bit
+    old = (0.5 * (mu ** 2 + logvar.exp() - logvar - 1)).sum(1).mean()  # eq. 4 as it was written before
+    assert torch.equal(plain, old)
+    base = vae_loss(model, x, q, torch.Generator().manual_seed(1))
+    again = vae_loss(model, x, q, torch.Generator().manual_seed(1), kl_term=KLTerm())
+    assert torch.equal(base.encoder, again.encoder)
+    half = vae_loss(model, x, q, torch.Generator().manual_seed(1), kl_term=KLTerm(weight=0.5))
+    assert half.encoder.item() == pytest.approx(base.encoder.item() - 0.5 * base.terms["kl"].item(), rel=1e-6)
+    assert torch.equal(half.terms["kl"], base.terms["kl"]), "the logged KL stays eq. 4's"
+    for fn in (lmvae_loss, introvae_loss):
+        floored = fn(model, x, q, generator=torch.Generator().manual_seed(1), kl_term=KLTerm(free_bits=50.0))
+        plain_loss = fn(model, x, q, generator=torch.Generator().manual_seed(1))
+        raised = 50.0 * mu.shape[1] - plain_loss.terms["kl"].item()  # every dimension under a 50-nat floor
+        assert floored.encoder.item() == pytest.approx(plain_loss.encoder.item() + raised, rel=1e-5)
+
+
+def test_kl_warmup_ramps_beta_over_the_final_stages_first_steps():
+    config = TrainConfig(reptile_steps=2, vae_steps=10, final_steps=20, kl_warmup_steps=8)
+    assert [config.kl_weight_at(s) for s in (0, 11, 12, 16, 20, 31)] == [1.0, 1.0, 0.0, 0.5, 1.0, 1.0]
+    assert {TrainConfig(reptile_steps=2, vae_steps=10).kl_weight_at(s) for s in (0, 12, 20)} == {1.0}
+    loss_at = train_module.final_loss(replace(config, final_loss="vae"))
+    model, x, q = _tiny_batch(seed=9)
+    at = {s: loss_at(model, x, q, torch.Generator().manual_seed(2), s) for s in (12, 20)}
+    assert at[12].encoder.item() == pytest.approx(at[12].terms["con"].item(), rel=1e-6), "step 0 of the stage: no KL"
+    assert at[20].encoder.item() == pytest.approx(at[20].terms["con"].item() + at[20].terms["kl"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="free_bits: expected nats per latent dimension >= 0"):
+        validate(TrainConfig(free_bits=-1.0))
+    with pytest.raises(ValueError, match="kl_warmup_steps: expected a step count >= 0"):
+        validate(TrainConfig(kl_warmup_steps=-5))

@@ -11,7 +11,7 @@ import pytest
 
 import train.train as train_module
 from train.__main__ import main as train_main
-from train.ablate import Row, main as ablate_main, row_config
+from train.ablate import ROWS, Row, main as ablate_main, row_config
 from train.config import LEGACY_VALUES, TrainConfig, preset, resume_mismatches, validate
 from train.data import jitter_drawings, rotated_classes, sample_episodes
 from train.train import CHECKPOINT, branch, train
@@ -103,6 +103,18 @@ def test_a_checkpoint_from_before_the_recipe_fields_resumes_as_what_it_was():
     old = {k: v for k, v in TrainConfig(validation_alphabets="").to_dict().items() if k not in LEGACY_VALUES}
     assert resume_mismatches(old, TrainConfig(validation_alphabets="")) == {}
     assert set(resume_mismatches(old, TrainConfig())) == {"validation_alphabets"}
+    before_kl_options = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("free_bits", "kl_warmup_steps")}
+    assert resume_mismatches(before_kl_options, TrainConfig()) == {}
+    assert resume_mismatches(before_kl_options, TrainConfig(free_bits=0.25)) == {"free_bits": (0.0, 0.25)}
+
+
+def test_kl_rows_keep_the_trunks_augmentation_unless_they_name_one():
+    meta = {"train_config": TrainConfig(augment="rot90", reptile_steps=2, vae_steps=3).to_dict(), "step": 5}
+    rows = {row.name: row_config(meta, row, 10) for row in ROWS if row.name in ("freebits", "jitter_freebits", "klwarmup")}
+    assert (rows["freebits"].augment, rows["freebits"].free_bits, rows["freebits"].kl_warmup_steps) == ("rot90", 0.25, 0)
+    assert (rows["jitter_freebits"].augment, rows["jitter_freebits"].free_bits) == ("jitter", 0.25)
+    assert (rows["klwarmup"].augment, rows["klwarmup"].kl_warmup_steps, rows["klwarmup"].free_bits) == ("rot90", 1000, 0)
+    assert rows["klwarmup"].kl_weight_at(5) == 0.0, "the warm-up starts at the branch point"
 
 
 def test_branch_starts_a_new_recipe_from_a_state_and_remembers_where(tmp_path):

@@ -62,6 +62,12 @@ class TrainConfig:
     # convertor on L_C) rather than both gradients from one forward pass.
     hinge_per_sample: bool = True
     alternating: bool = True
+    # KL(z) of the final loss (stage 3; a branch of train.ablate is one final stage), both off by
+    # default (the paper's loss, bit for bit: train/losses.py KLTerm). free_bits: a floor in nats on
+    # each latent dimension's batch-mean KL (Kingma et al. 2016). kl_warmup_steps: KL(z) weighted
+    # by beta rising linearly from 0 at the stage's first step to 1 after this many (Bowman et al. 2016).
+    free_bits: float = 0.0
+    kl_warmup_steps: int = 0
     # bookkeeping
     log_every: int = 10
     sample_every: int = 1000
@@ -92,6 +98,13 @@ class TrainConfig:
             progress = min(1.0, done / max(1, self.vae_steps + self.final_steps))
             return self.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
         return self.lr * 0.5 ** (done // self.lr_halve_every)
+
+    def kl_weight_at(self, step: int) -> float:
+        """beta of the KL warm-up at `step`: 1 outside the final stage or with no warm-up."""
+        into_final = step - (self.reptile_steps + self.vae_steps)
+        if self.kl_warmup_steps <= 0 or into_final < 0:
+            return 1.0
+        return min(1.0, into_final / self.kl_warmup_steps)
 
     @property
     def held_out_alphabets(self) -> tuple[str, ...]:
@@ -153,7 +166,8 @@ RUN_CONTROL_FIELDS = frozenset({
     "init_from", "log_every", "sample_every", "checkpoint_every", "validate_every", "validate_k",
     "checkpoint_every_s", "time_limit_s", "threads", "final_steps", "device", "autocast"})
 # What a checkpoint written before a field existed was trained with (the field's old behaviour).
-LEGACY_VALUES = {"validation_alphabets": "", "augment": "", "lr_schedule": "halve"}
+LEGACY_VALUES = {"validation_alphabets": "", "augment": "", "lr_schedule": "halve", "free_bits": 0.0,
+                 "kl_warmup_steps": 0}
 
 
 def preset(name: str) -> TrainConfig:
@@ -206,6 +220,10 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"unknown augmentation {unknown}; expected a comma-separated subset of {list(AUGMENTATIONS)}")
     if config.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown lr schedule {config.lr_schedule!r}; expected one of {list(LR_SCHEDULES)}")
+    if not config.free_bits >= 0:  # NaN too
+        raise ValueError(f"free_bits: expected nats per latent dimension >= 0 (0 = off), got {config.free_bits}")
+    if config.kl_warmup_steps < 0:
+        raise ValueError(f"kl_warmup_steps: expected a step count >= 0 (0 = off), got {config.kl_warmup_steps}")
 
 
 def resume_mismatches(saved: dict, config: TrainConfig) -> dict[str, tuple]:

@@ -365,17 +365,20 @@ def _judged(judge: Judge, images: np.ndarray, labels: np.ndarray, per_character:
 def fidelity_score(converter, part: str = "test", n: int = 8, characters_every: int = 1, seed: int = 0,
                    temperatures=(1.0,), split: str = "paper", data_dir=None, judge: Judge | None = None,
                    judge_config: JudgeConfig = JudgeConfig(), cache_dir: Path | None = None,
-                   decomposition: bool = True, log=print) -> dict:
+                   decomposition: bool = True, validation_alphabets: tuple[str, ...] | None = None,
+                   log=print) -> dict:
     """The judged sample-quality score of `converter` on one data part (see the module doc).
     Returns a JSON-ready dict; fidelity_table(result) renders it. An ablation row (n = 8, t = 1.0,
-    330 characters, judge cached) took 27 s of CPU on one thread (docs/results.md)."""
+    330 characters, judge cached) took 27 s of CPU on one thread (docs/results.md).
+    validation_alphabets: which background alphabets the validation part holds (load_split's;
+    a run's TrainConfig.held_out_alphabets)."""
     from vce_deploy.omniglot import load_split
 
     if n < 2:
         raise FidelityError(f"n: expected at least 2 variations per condition (pairwise diversity), got {n}")
     if characters_every < 1:
         raise FidelityError(f"characters_every: expected a positive integer, got {characters_every}")
-    data = load_split(split, part, data_dir)
+    data = load_split(split, part, data_dir, validation_alphabets=validation_alphabets)
     judge = judge or Judge.fit(data.images, judge_config, cache_dir, log)
     if judge.key != judge_key(data.images, judge.config):
         raise FidelityError(f"judge: expected one trained on the {split} split's {part} part, got one made for "
@@ -538,6 +541,27 @@ def load_source(source: str, threads: int | None = None):
     return load_evaluable(source, threads=threads)
 
 
+def add_judge_flags(parser: argparse.ArgumentParser) -> None:
+    """The judge's flags (this CLI's and train.ablate's --fidelity); judge_settings reads them."""
+    parser.add_argument("--judge-steps", type=int, default=None, help="judge training steps (default: JudgeConfig)")
+    parser.add_argument("--judge-channels", type=int, nargs="+", default=None,
+                        help="judge conv widths (default: JudgeConfig; small ones for tests)")
+    parser.add_argument("--judge-features", type=int, default=None, help="judge penultimate width")
+    parser.add_argument("--judge-cache", default=None, help="judge cache directory (default: the user cache)")
+
+
+def judge_settings(args: argparse.Namespace) -> tuple[JudgeConfig, Path | None]:
+    """add_judge_flags' values -> (the judge config, the cache directory or None for the default)."""
+    config = JudgeConfig()
+    if args.judge_steps is not None:
+        config = replace(config, steps=args.judge_steps)
+    if args.judge_channels is not None:
+        config = replace(config, channels=tuple(args.judge_channels))
+    if args.judge_features is not None:
+        config = replace(config, features=args.judge_features)
+    return config, (Path(args.judge_cache) if args.judge_cache else None)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.fidelity", description=__doc__.splitlines()[2])
     parser.add_argument("source", help="bundle directory, or training checkpoint .safetensors")
@@ -553,11 +577,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write the result here (atomically)")
     parser.add_argument("--grid", default=None, help="write a PNG of judged variations (green right, red wrong)")
     parser.add_argument("--grid-temperature", type=float, default=1.0)
-    parser.add_argument("--judge-steps", type=int, default=None, help="judge training steps (default: JudgeConfig)")
-    parser.add_argument("--judge-channels", type=int, nargs="+", default=None,
-                        help="judge conv widths (default: JudgeConfig; small ones for tests)")
-    parser.add_argument("--judge-features", type=int, default=None, help="judge penultimate width")
-    parser.add_argument("--judge-cache", default=None, help="judge cache directory (default: the user cache)")
+    add_judge_flags(parser)
     args = parser.parse_args(argv)
 
     import torch
@@ -566,14 +586,7 @@ def main(argv=None) -> int:
     from vce_deploy.omniglot import load_split
 
     torch.set_num_threads(args.threads)
-    config = JudgeConfig()
-    if args.judge_steps is not None:
-        config = replace(config, steps=args.judge_steps)
-    if args.judge_channels is not None:
-        config = replace(config, channels=tuple(args.judge_channels))
-    if args.judge_features is not None:
-        config = replace(config, features=args.judge_features)
-    cache = Path(args.judge_cache) if args.judge_cache else None
+    config, cache = judge_settings(args)
     try:
         if args.grid:
             from vce_deploy.grid import check_output_path

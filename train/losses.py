@@ -19,16 +19,48 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
-def kl_per_sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Eq. 4: KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum(mu^2 + sigma^2 - log sigma^2 - 1), (B,).
+def kl_per_dimension(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Eq. 4's summand, one latent dimension each: 0.5 * (mu^2 + sigma^2 - log sigma^2 - 1), (B, D).
     Computed in float32 whatever precision the encoder ran in (bf16 autocast)."""
     mu, logvar = _at_least_fp32(mu), _at_least_fp32(logvar)
-    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1).sum(dim=1)
+    return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1)
+
+
+def kl_per_sample(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum(mu^2 + sigma^2 - log sigma^2 - 1), (B,).
+    (The factor 0.5 is a power of two: inside or outside the sum, the bits are the same.)"""
+    return kl_per_dimension(mu, logvar).sum(dim=1)
 
 
 def kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Eq. 4, batch mean."""
     return kl_per_sample(mu, logvar).mean()
+
+
+def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """Free bits (Kingma et al. 2016, "Improved variational inference with inverse autoregressive
+    flow", section on free bits): sum_j max(lambda, E_batch[KL_j]), eq. 4 taken apart per latent
+    dimension j, the batch mean first, then floored at lambda nats. A dimension below the floor
+    costs lambda and gets no gradient, so the encoder is not pushed to close it."""
+    return kl_per_dimension(mu, logvar).mean(0).clamp_min(free_bits).sum()
+
+
+@dataclass(frozen=True)
+class KLTerm:
+    """How KL(z) of the posterior (eq. 4) enters a final loss's objective: free bits (a floor in
+    nats per latent dimension, 0 = off) and a weight beta (the KL warm-up's, TrainConfig.kl_weight_at).
+    The defaults give back eq. 4's batch mean itself, the very tensor: the paper's losses, bit for bit."""
+
+    free_bits: float = 0.0
+    weight: float = 1.0
+
+    def objective(self, mu: torch.Tensor, logvar: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+        """beta * KL_free_bits(z); `plain` is kl(mu, logvar), already computed (it is logged as "kl")."""
+        value = free_bits_kl(mu, logvar, self.free_bits) if self.free_bits > 0 else plain
+        return value if self.weight == 1.0 else self.weight * value
+
+
+PAPER_KL = KLTerm()
 
 
 def hinge(margin: float, mu: torch.Tensor, logvar: torch.Tensor, per_sample: bool = True) -> torch.Tensor:
@@ -70,17 +102,18 @@ class LossTerms:
     convertor_after_encoder_step: Callable[[], torch.Tensor] | None = None
 
 
-def vae_loss(model: VCE, x: torch.Tensor, q: torch.Tensor, generator=None) -> LossTerms:
-    """Eq. 2 as a loss: L = KL(z) + CON(x, x_c); one objective for both networks."""
+def vae_loss(model: VCE, x: torch.Tensor, q: torch.Tensor, generator=None, kl_term: KLTerm = PAPER_KL) -> LossTerms:
+    """Eq. 2 as a loss: L = KL(z) + CON(x, x_c); one objective for both networks.
+    kl_term: free bits and the warm-up's beta on KL(z) (KLTerm; the default is eq. 2 as written)."""
     mu, logvar = model.encoder(x, q)
     logits = model.convertor.logits(reparameterize(mu, logvar, generator), q)
     l_kl, l_con = kl(mu, logvar), con(logits, x)
-    total = l_kl + l_con
+    total = kl_term.objective(mu, logvar, l_kl) + l_con
     return LossTerms(total, total, {"kl": l_kl.detach(), "con": l_con.detach(), "loss": total.detach()})
 
 
 def lmvae_loss(model: VCE, x, q, margin: float = 50.0, sigma: float = 0.15, lam: float = 0.2, generator=None,
-               hinge_per_sample: bool = True, alternating: bool = False) -> LossTerms:
+               hinge_per_sample: bool = True, alternating: bool = False, kl_term: KLTerm = PAPER_KL) -> LossTerms:
     """Eqs. 11 and 12 (LMVAE with style regularisation), z_c = Enc(x_c, q).
 
     L_E = KL(z) + lam * max(0, m - KL(z_c)) + (1 - sigma) CON + sigma REG   (eq. 11)
@@ -89,20 +122,22 @@ def lmvae_loss(model: VCE, x, q, margin: float = 50.0, sigma: float = 0.15, lam:
     margin term trains the encoder as a critic, not the convertor through it.
     alternating: L_C's KL(z_c) is recomputed by `convertor_after_encoder_step` with the stepped
     encoder (Algorithm 1); otherwise both objectives come from this one forward pass.
+    kl_term: free bits and beta on KL(z) alone, the posterior's; KL(z_c) is the critic's and stays.
     """
     mu, logvar = model.encoder(x, q)
     logits = model.convertor.logits(reparameterize(mu, logvar, generator), q)
     x_c = torch.sigmoid(_at_least_fp32(logits))
     l_kl, l_con, l_reg = kl(mu, logvar), con(logits, x), reg(logits, q)
+    kl_objective = kl_term.objective(mu, logvar, l_kl)
     recon = (1 - sigma) * l_con + sigma * l_reg
     mu_c, logvar_c = model.encoder(x_c.detach(), q)
-    l_e = l_kl + lam * hinge(margin, mu_c, logvar_c, hinge_per_sample) + recon
+    l_e = kl_objective + lam * hinge(margin, mu_c, logvar_c, hinge_per_sample) + recon
     terms = {"kl": l_kl.detach(), "con": l_con.detach(), "reg": l_reg.detach(), "loss_e": l_e.detach()}
 
     def convertor_objective() -> torch.Tensor:
         kl_c = kl(*model.encoder(x_c, q))
-        terms.update(kl_c=kl_c.detach(), loss_c=(l_kl + lam * kl_c + recon).detach())
-        return l_kl.detach() + lam * kl_c + recon  # KL(z) carries no convertor gradient
+        terms.update(kl_c=kl_c.detach(), loss_c=(kl_objective + lam * kl_c + recon).detach())
+        return kl_objective.detach() + lam * kl_c + recon  # KL(z) carries no convertor gradient
 
     if alternating:
         return LossTerms(l_e, None, terms, convertor_objective)
@@ -110,12 +145,13 @@ def lmvae_loss(model: VCE, x, q, margin: float = 50.0, sigma: float = 0.15, lam:
 
 
 def introvae_loss(model: VCE, x, q, margin: float = 50.0, alpha: float = 0.25, beta: float = 1.0, generator=None,
-                  hinge_per_sample: bool = True, alternating: bool = False) -> LossTerms:
+                  hinge_per_sample: bool = True, alternating: bool = False, kl_term: KLTerm = PAPER_KL) -> LossTerms:
     """Eqs. 6 and 7 (IntroVAE adapted to the VCE), the paper's ablation.
 
     x_c = Con(z, q) with z ~ q(z | x, q); x_s = Con(z_s, q) with z_s ~ N(0, I).
     L_E = KL(z) + alpha * sum_{j=c,s} max(0, m - KL(z_j)) + beta CON   (eq. 6, x_j detached)
     L_C = alpha * sum_{j=c,s} KL(z_j) + beta CON                         (eq. 7)
+    kl_term: free bits and the warm-up's weight on KL(z) of eq. 6 (not on the critic's KL(z_j)).
     """
     mu, logvar = model.encoder(x, q)
     logits = model.convertor.logits(reparameterize(mu, logvar, generator), q)
@@ -123,7 +159,7 @@ def introvae_loss(model: VCE, x, q, margin: float = 50.0, alpha: float = 0.25, b
     x_c, x_s = torch.sigmoid(_at_least_fp32(logits)), _at_least_fp32(model.convertor(z_s, q))
     l_kl, l_con = kl(mu, logvar), con(logits, x)
     critic = sum(hinge(margin, *model.encoder(x_j.detach(), q), hinge_per_sample) for x_j in (x_c, x_s))
-    l_e = l_kl + alpha * critic + beta * l_con
+    l_e = kl_term.objective(mu, logvar, l_kl) + alpha * critic + beta * l_con
     terms = {"kl": l_kl.detach(), "con": l_con.detach(), "loss_e": l_e.detach()}
 
     def convertor_objective() -> torch.Tensor:

@@ -28,7 +28,7 @@ from vce_deploy.omniglot import Split, load_split, nll_targets
 from . import device_step
 from .config import TrainConfig, resume_mismatches, validate
 from .data import jitter_drawings, rotated_classes, sample_episodes
-from .losses import LOSSES, LossTerms, vae_loss
+from .losses import LOSSES, KLTerm, LossTerms, vae_loss
 
 LOG_COLUMNS = ("step", "stage", "lr", "seconds", "loss", "loss_e", "loss_c", "kl", "con", "reg", "kl_c", "kl_s")
 CHECKPOINT = "checkpoint.safetensors"
@@ -98,13 +98,21 @@ def apply_gradients(model: VCE, loss: LossTerms, opt_enc, opt_con) -> None:
 
 
 def final_loss(config: TrainConfig):
+    """-> loss(model, x, q, generator, step): the final stage's loss with the config's weights, and
+    its KL(z) term at that step (free bits, the warm-up's beta: train/losses.py KLTerm)."""
     fn = LOSSES[config.final_loss]
     switches = {"hinge_per_sample": config.hinge_per_sample, "alternating": config.alternating}
+
+    def kl_term(step: int) -> KLTerm:
+        return KLTerm(config.free_bits, config.kl_weight_at(step))
+
     if config.final_loss == "lmvae":
-        return lambda m, x, q, g: fn(m, x, q, config.margin, config.sigma, config.lam, g, **switches)
+        return lambda m, x, q, g, s: fn(m, x, q, config.margin, config.sigma, config.lam, g, **switches,
+                                        kl_term=kl_term(s))
     if config.final_loss == "introvae":
-        return lambda m, x, q, g: fn(m, x, q, config.margin, config.intro_alpha, config.intro_beta, g, **switches)
-    return lambda m, x, q, g: fn(m, x, q, g)
+        return lambda m, x, q, g, s: fn(m, x, q, config.margin, config.intro_alpha, config.intro_beta, g, **switches,
+                                        kl_term=kl_term(s))
+    return lambda m, x, q, g, s: fn(m, x, q, g, kl_term=kl_term(s))
 
 
 def sample_grid(model: VCE, test: Split, seed: int) -> np.ndarray:
@@ -274,7 +282,7 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
                 reptile_outer_step(model, phi, config.reptile_epsilon)
             else:
                 x, q = batch(config.episodes_per_step, rng)
-                loss = vae_loss(model, x, q, gen) if stage == "vae" else step_fn(model, x, q, gen)
+                loss = vae_loss(model, x, q, gen) if stage == "vae" else step_fn(model, x, q, gen, step)
                 apply_gradients(model, loss, optimizers["encoder"], optimizers["convertor"])
         # log
         headline = loss.terms.get("loss", loss.terms.get("loss_c"))  # a device tensor: no sync here
