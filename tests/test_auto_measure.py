@@ -115,3 +115,58 @@ def test_candidates_are_those_within_the_nll_bound_whatever_the_flags(bundle, tm
     assert ("onnxruntime", "int8") in pairs, "int8 is measured on a CPU without VNNI too"
     assert all(p != "fp16" for _, p in pairs), "a precision over the NLL bound is never timed"
     assert pairs[0] == ("onnxruntime", "fp32")  # the flag plan's order first: fp32 on AVX2 only
+
+
+class FakeClock:
+    """Seconds that pass only when a fake backend says its work took them."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def slow_backend(clock, name, load_s, call_s):
+    """A backend class whose load takes load_s and a call call_s per row, on `clock`."""
+
+    class Slow:
+        closed = []
+
+        def __init__(self, bundle, precision, device, threads):
+            self.precision = precision
+            clock.now += load_s
+
+        def run(self, model, feeds):
+            clock.now += call_s * feeds["z"].shape[0]
+
+        def close(self):
+            Slow.closed.append(self.precision)
+
+    Slow.name = name
+    return Slow
+
+
+def test_the_budget_is_a_hard_bound_loads_and_warm_up_included(bundle):
+    """Loads of 0.8 s each: the old rule (start while any time is left) began a third load at
+    1.99 s and ended near 2.9 s; a load is now started only if one like it fits in what is left."""
+    clock = FakeClock()
+    slow = slow_backend(clock, "slow", 0.8, 0.001)
+    start = clock.now
+    table, instances = measure.measure([(slow, "fp32"), (slow, "bf16"), (slow, "int8")], Bundle.load(bundle), 1,
+                                       budget_s=2.0, clock=clock)
+    assert clock.now - start <= 2.0
+    assert set(instances) == {("slow", "fp32"), ("slow", "bf16")}
+    assert table[2].images_per_s is None and "budget was spent" in table[2].note
+    assert all(row.images_per_s > 0 for row in table[:2])
+
+
+def test_a_candidate_whose_timed_calls_do_not_fit_is_closed_not_kept(bundle):
+    """A cheap load but a batch-64 call of 0.64 s: after the warm calls no timed call fits in 1 s."""
+    clock = FakeClock()
+    slow = slow_backend(clock, "slow", 0.05, 0.01)
+    start = clock.now
+    table, instances = measure.measure([(slow, "fp32")], Bundle.load(bundle), 1, budget_s=1.0, clock=clock)
+    assert clock.now - start <= 1.0
+    assert instances == {} and slow.closed == ["fp32"]
+    assert "not one timed call fitted" in table[0].note

@@ -129,38 +129,81 @@ def _inputs(bundle: Bundle, rows: int) -> dict[str, np.ndarray]:
     return {"z": np.ascontiguousarray(z[index]), "q": np.ascontiguousarray(q[index])}
 
 
-def _median_ms(instance: Backend, feeds: dict, seconds: float, max_calls: int) -> float:
-    times = []
-    end = time.perf_counter() + seconds
-    while len(times) < 2 or (len(times) < max_calls and time.perf_counter() < end):
-        start = time.perf_counter()
-        instance.run("convertor", feeds)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+class Deadline:
+    """The budget as a hard bound. A library call cannot be stopped half way, so a step (a load, a
+    warm call, a timed call) starts only if what it is expected to take still fits before the end:
+    the longest such step seen so far, 0 for a kind of step not seen yet (the first candidate
+    always gets to load). clock: time.perf_counter, or a fake one in tests."""
+
+    def __init__(self, budget_s: float, clock=time.perf_counter):
+        self.clock = clock
+        self.budget_s = budget_s
+        self.end = clock() + budget_s
+
+    def left(self) -> float:
+        return self.end - self.clock()
+
+    def fits(self, expected_s: float, end: float | None = None) -> bool:
+        """Whether a step expected to take expected_s ends by the budget's end (and by `end`)."""
+        limit = self.end if end is None else min(self.end, end)
+        return self.clock() + expected_s <= limit
+
+    def timed(self, step, *args) -> float:
+        """Run step(*args); its duration in seconds."""
+        began = self.clock()
+        step(*args)
+        return self.clock() - began
+
+
+def _median_ms(instance: Backend, feeds: dict, deadline: Deadline, share_end: float, expected_s: float,
+               max_calls: int) -> float | None:
+    """Median of timed calls: two may run into the rest of the budget, more only within this
+    candidate's share; None if not one call fits."""
+    times: list[float] = []
+    while len(times) < max_calls and deadline.fits(max(times, default=expected_s), None if len(times) < 2 else share_end):
+        times.append(deadline.timed(instance.run, "convertor", feeds))
+    return float(np.median(times)) * 1e3 if times else None
 
 
 def measure(candidates: list[tuple[type[Backend], str]], bundle: Bundle, threads: int,
-            budget_s: float = BUDGET_S) -> tuple[list[Timing], dict[tuple[str, str], Backend]]:
-    """Time each candidate (load, warm call, batch 1, LARGE_BATCH) within budget_s in all.
+            budget_s: float = BUDGET_S, clock=time.perf_counter) -> tuple[list[Timing], dict[tuple[str, str], Backend]]:
+    """Time each candidate (load, warm calls, batch 1, LARGE_BATCH) within budget_s in all, counted
+    from before the inputs are made: a step that is not expected to fit is not started (Deadline).
     Returns the table and the loaded instances (the caller keeps the winner, closes the rest)."""
+    deadline = Deadline(budget_s, clock)
     small, large = _inputs(bundle, 1), _inputs(bundle, LARGE_BATCH)
-    start = time.perf_counter()
     table, loaded = [], {}
+    setup_s: dict[str, float] = {}  # backend name -> its longest load plus warm calls so far
+
+    def skipped(cls, precision, what):
+        return Timing(cls.name, precision, threads, note=f"not measured: the {budget_s:g} s budget was spent "
+                                                         f"({max(0.0, deadline.left()):.2f} s left, {what})")
+
     for done, (cls, precision) in enumerate(candidates):
-        left = budget_s - (time.perf_counter() - start)
-        if left <= 0:
-            table.append(Timing(cls.name, precision, threads, note=f"not measured: the {budget_s:g} s budget was spent"))
+        expected = setup_s.get(cls.name, max(setup_s.values(), default=0.0))
+        if not deadline.fits(expected):
+            table.append(skipped(cls, precision, f"loading and warming up takes about {expected:.2f} s"))
             continue
-        share, began = left / (len(candidates) - done), time.perf_counter()
+        share_end = deadline.clock() + deadline.left() / (len(candidates) - done)
         try:
+            began = deadline.clock()
             instance = cls(bundle, precision, "cpu", threads)
-            instance.run("convertor", large)  # first calls: graph compilation, allocations
-            instance.run("convertor", small)
-            rest = max(0.0, share - (time.perf_counter() - began))  # what this candidate has left to time
-            batch1 = _median_ms(instance, small, rest * 0.3, 50)
-            per_call = _median_ms(instance, large, rest * 0.7, 10)
+            try:
+                warm_large = deadline.timed(instance.run, "convertor", large)  # graph compilation, allocations
+                warm_small = deadline.timed(instance.run, "convertor", small)
+                setup_s[cls.name] = max(setup_s.get(cls.name, 0.0), deadline.clock() - began)
+                now = deadline.clock()
+                batch1 = _median_ms(instance, small, deadline, now + (share_end - now) * 0.3, warm_small, 50)
+                per_call = _median_ms(instance, large, deadline, share_end, warm_large, 10)
+            except BaseException:
+                instance.close()
+                raise
         except (VCEError, RuntimeError, OSError, ValueError) as err:
             table.append(Timing(cls.name, precision, threads, note=f"failed: {type(err).__name__}: {err}"[:200]))
+            continue
+        if batch1 is None or per_call is None:
+            instance.close()
+            table.append(skipped(cls, precision, "not one timed call fitted"))
             continue
         loaded[(cls.name, precision)] = instance
         table.append(Timing(cls.name, precision, threads, round(batch1, 4), round(LARGE_BATCH / per_call * 1e3, 1)))
@@ -198,4 +241,4 @@ def pick(candidates: list[tuple[type[Backend], str]], bundle: Bundle, threads: i
     return by_name[(best.backend, best.precision)], best.precision, reason, instance, table
 
 
-__all__ = ["BUDGET_S", "LARGE_BATCH", "MEASURE_ENV", "Timing", "cache_dir", "measure", "measuring_enabled", "pick"]
+__all__ = ["BUDGET_S", "LARGE_BATCH", "MEASURE_ENV", "Deadline", "Timing", "cache_dir", "measure", "measuring_enabled", "pick"]
