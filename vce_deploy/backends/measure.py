@@ -156,11 +156,13 @@ class Deadline:
 
 
 def _median_ms(instance: Backend, feeds: dict, deadline: Deadline, share_end: float, expected_s: float,
-               max_calls: int) -> float | None:
+               max_calls: int, at_least_one: bool) -> float | None:
     """Median of timed calls: two may run into the rest of the budget, more only within this
-    candidate's share; None if not one call fits."""
+    candidate's share; None if not one call fits. at_least_one: the first candidate measured
+    times one call even past the budget, because with no figure at all auto could not choose."""
     times: list[float] = []
-    while len(times) < max_calls and deadline.fits(max(times, default=expected_s), None if len(times) < 2 else share_end):
+    while len(times) < max_calls and ((at_least_one and not times) or deadline.fits(
+            max(times, default=expected_s), None if len(times) < 2 else share_end)):
         times.append(deadline.timed(instance.run, "convertor", feeds))
     return float(np.median(times)) * 1e3 if times else None
 
@@ -193,8 +195,9 @@ def measure(candidates: list[tuple[type[Backend], str]], bundle: Bundle, threads
                 warm_small = deadline.timed(instance.run, "convertor", small)
                 setup_s[cls.name] = max(setup_s.get(cls.name, 0.0), deadline.clock() - began)
                 now = deadline.clock()
-                batch1 = _median_ms(instance, small, deadline, now + (share_end - now) * 0.3, warm_small, 50)
-                per_call = _median_ms(instance, large, deadline, share_end, warm_large, 10)
+                first = not loaded
+                batch1 = _median_ms(instance, small, deadline, now + (share_end - now) * 0.3, warm_small, 50, first)
+                per_call = _median_ms(instance, large, deadline, share_end, warm_large, 10, first)
             except BaseException:
                 instance.close()
                 raise
