@@ -152,3 +152,16 @@ def test_ablate_scores_every_row_at_every_milestone_from_one_trunk(tmp_path):
     assert ablate_main(args) == 0, "resumable: a second call trains and scores nothing new"
     with pytest.raises(SystemExit):
         ablate_main(args[:8] + ["--rows", "none,nope"])
+
+def test_kl_options_reach_a_final_stage_with_the_vae_loss(tmp_path):
+    """The final stage with final_loss="vae" is named "vae" like stage 2; free bits must still
+    change it (a floor of 50 nats a dimension leaves KL(z) no gradient) and leave stage 2 alone."""
+    from vce_deploy.checkpoint import load_tensors
+
+    base = replace(preset("smoke"), reptile_steps=0, vae_steps=1, final_steps=2, final_loss="vae", checkpoint_every=1)
+    weights = {}
+    for name, free_bits in (("plain", 0.0), ("floored", 50.0)):
+        train(replace(base, free_bits=free_bits), tmp_path / name, progress=False)
+        weights[name] = load_tensors(tmp_path / name / CHECKPOINT)
+    changed = [k for k in weights["plain"] if not np.array_equal(weights["plain"][k], weights["floored"][k])]
+    assert any(".encoder." in k for k in changed), "free bits did not reach the final VAE stage"

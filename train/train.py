@@ -282,7 +282,10 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
                 reptile_outer_step(model, phi, config.reptile_epsilon)
             else:
                 x, q = batch(config.episodes_per_step, rng)
-                loss = vae_loss(model, x, q, gen) if stage == "vae" else step_fn(model, x, q, gen, step)
+                # by step, not by stage name: a final stage with the VAE loss is also called "vae", and its
+                # KL options (free bits, warm-up) live in step_fn only
+                final = step >= config.reptile_steps + config.vae_steps
+                loss = step_fn(model, x, q, gen, step) if final else vae_loss(model, x, q, gen)
                 apply_gradients(model, loss, optimizers["encoder"], optimizers["convertor"])
         # log
         headline = loss.terms.get("loss", loss.terms.get("loss_c"))  # a device tensor: no sync here
