@@ -282,3 +282,17 @@ def test_kl_warmup_ramps_beta_over_the_final_stages_first_steps():
         validate(TrainConfig(free_bits=-1.0))
     with pytest.raises(ValueError, match="kl_warmup_steps: expected a step count >= 0"):
         validate(TrainConfig(kl_warmup_steps=-5))
+
+
+def test_kl_weight_is_beta_of_the_final_stage_only_and_the_warmup_ends_there():
+    heavy = TrainConfig(reptile_steps=2, vae_steps=10, final_steps=20, kl_weight=4.0)
+    assert [heavy.kl_weight_at(s) for s in (0, 11, 12, 31)] == [1.0, 1.0, 4.0, 4.0], "stage 2 keeps eq. 2's weight"
+    ramped = replace(heavy, kl_warmup_steps=8)
+    assert [ramped.kl_weight_at(s) for s in (12, 16, 20, 31)] == [0.0, 2.0, 4.0, 4.0]
+    loss_at = train_module.final_loss(replace(heavy, final_loss="vae"))
+    model, x, q = _tiny_batch(seed=9)
+    loss = loss_at(model, x, q, torch.Generator().manual_seed(2), 12)
+    assert loss.encoder.item() == pytest.approx(loss.terms["con"].item() + 4 * loss.terms["kl"].item(), rel=1e-6)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="kl_weight: expected a KL.z. weight > 0"):
+            validate(TrainConfig(kl_weight=bad))

@@ -3,6 +3,7 @@ learning-rate schedules, refusing a resume whose recipe differs, and the equal-b
 ablation table (train.ablate) that branches every row from one state."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
@@ -103,9 +104,10 @@ def test_a_checkpoint_from_before_the_recipe_fields_resumes_as_what_it_was():
     old = {k: v for k, v in TrainConfig(validation_alphabets="").to_dict().items() if k not in LEGACY_VALUES}
     assert resume_mismatches(old, TrainConfig(validation_alphabets="")) == {}
     assert set(resume_mismatches(old, TrainConfig())) == {"validation_alphabets"}
-    before_kl_options = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("free_bits", "kl_warmup_steps")}
+    before_kl_options = {k: v for k, v in TrainConfig().to_dict().items() if k not in ("free_bits", "kl_warmup_steps", "kl_weight")}
     assert resume_mismatches(before_kl_options, TrainConfig()) == {}
     assert resume_mismatches(before_kl_options, TrainConfig(free_bits=0.25)) == {"free_bits": (0.0, 0.25)}
+    assert resume_mismatches(before_kl_options, TrainConfig(kl_weight=2.0)) == {"kl_weight": (1.0, 2.0)}
 
 
 def test_kl_rows_keep_the_trunks_augmentation_unless_they_name_one():
@@ -115,6 +117,8 @@ def test_kl_rows_keep_the_trunks_augmentation_unless_they_name_one():
     assert (rows["jitter_freebits"].augment, rows["jitter_freebits"].free_bits) == ("jitter", 0.25)
     assert (rows["klwarmup"].augment, rows["klwarmup"].kl_warmup_steps, rows["klwarmup"].free_bits) == ("rot90", 1000, 0)
     assert rows["klwarmup"].kl_weight_at(5) == 0.0, "the warm-up starts at the branch point"
+    beta = row_config(meta, next(row for row in ROWS if row.name == "beta2"), 10)
+    assert (beta.augment, beta.kl_weight, beta.kl_weight_at(4), beta.kl_weight_at(5)) == ("rot90", 2.0, 1.0, 2.0)
 
 
 def test_branch_starts_a_new_recipe_from_a_state_and_remembers_where(tmp_path):
@@ -152,6 +156,27 @@ def test_ablate_scores_every_row_at_every_milestone_from_one_trunk(tmp_path):
     assert ablate_main(args) == 0, "resumable: a second call trains and scores nothing new"
     with pytest.raises(SystemExit):
         ablate_main(args[:8] + ["--rows", "none,nope"])
+
+
+def test_ablate_fidelity_judges_every_row_at_the_last_milestone(tmp_path):
+    trunk = tmp_path / "trunk"
+    train(replace(preset("smoke"), reptile_steps=2, vae_steps=2, final_steps=0), trunk, progress=False)
+    args = ["--from", str(trunk / CHECKPOINT), "--steps", "2", "4", "--k", "3", "--out", str(tmp_path / "rows"),
+            "--rows", "none,beta4", "--docs", str(tmp_path / "docs"), "--fidelity", "--fidelity-n", "2",
+            "--fidelity-every", "20", "--judge-steps", "10", "--judge-channels", "4", "8", "--judge-features", "8",
+            "--judge-cache", str(tmp_path / "judge")]
+    assert ablate_main(args) == 0
+    records = {name: sorted((tmp_path / "rows" / name).glob("fidelity_validation_*.json")) for name in ("none", "beta4")}
+    assert all(len(found) == 1 and found[0].name.endswith("0000008.json") for found in records.values()), \
+        "judged once, at the last milestone (trunk step 4 + 4)"
+    kl = {name: json.loads(found[0].read_text())["prior_hole"]["kl_per_target"] for name, found in records.items()}
+    assert kl["beta4"] != kl["none"], "the rows' weights differ, so do their posteriors"
+    text = (tmp_path / "docs" / "results.md").read_text()
+    judged_rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert [line.split("|")[1].strip() for line in judged_rows] == ["`none`", "`beta4`"]
+    assert all(line.count("%") >= 5 for line in judged_rows)
+    stamp = records["none"][0].stat().st_mtime_ns
+    assert ablate_main(args) == 0 and records["none"][0].stat().st_mtime_ns == stamp, "the judged score is cached"
 
 def test_kl_options_reach_a_final_stage_with_the_vae_loss(tmp_path):
     """The final stage with final_loss="vae" is named "vae" like stage 2; free bits must still

@@ -27,11 +27,15 @@ from vce_deploy.errors import CheckpointError
 from vce_deploy.omniglot import targets_per_character
 
 from .config import TrainConfig, validate
+from .fidelity import add_judge_flags, judge_settings
 from .table1 import pick_rows, write_section
 from .train import CHECKPOINT, branch
 
 SECTION_BEGIN = "<!-- ablate:begin (written by python -m train.ablate; edits inside are overwritten) -->"
 SECTION_END = "<!-- ablate:end -->"
+# The fidelity columns: convert's default temperature, thresholded as users keep the variations,
+# and the best form the shipped bundle's scan found (the Bernoulli means at 0.7: docs/results.md).
+FIDELITY_TEMPERATURES = (0.7, 1.0)
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,9 @@ ROWS = (
     Row("freebits", "trunk's augmentation, free bits 0.25 nats a dimension", {"free_bits": 0.25}),
     Row("jitter_freebits", "jitter, free bits 0.25 nats a dimension", {"augment": "jitter", "free_bits": 0.25}),
     Row("klwarmup", "trunk's augmentation, KL warm-up over 1,000 steps", {"kl_warmup_steps": 1000}),
+    # the prior hole's lever: a KL(z) weight above 1 pulls the posteriors toward the prior
+    Row("beta2", "trunk's augmentation, KL(z) weight 2", {"kl_weight": 2.0}),
+    Row("beta4", "trunk's augmentation, KL(z) weight 4", {"kl_weight": 4.0}),
 )
 
 
@@ -87,12 +94,11 @@ def prepare(trunk: Path, run_dir: Path, config: TrainConfig) -> int:
     return int(meta["step"])
 
 
-def score(run_dir: Path, step: int, x, q, settings: dict, batch_size: int) -> dict:
-    """The row's validation NLL at `step`, cached in run_dir/nll_validation_<step>.json; computed
-    only when the row's checkpoint stands at that step (a row trained past it has its score)."""
-    from vce_deploy.nll import load_evaluable, one_shot_nll, sem_over_characters
-
-    cache = run_dir / f"nll_validation_{step:07d}.json"
+def _cached(run_dir: Path, name: str, step: int, settings: dict, compute) -> dict:
+    """run_dir/<name>_<step>.json when it was computed with these settings, else compute(checkpoint)
+    written there; computed only when the row's checkpoint stands at `step` (a row trained past
+    it has its score)."""
+    cache = run_dir / f"{name}_{step:07d}.json"
     settings = dict(settings, step=step)
     if cache.is_file():
         record = json.loads(cache.read_text())
@@ -100,16 +106,40 @@ def score(run_dir: Path, step: int, x, q, settings: dict, batch_size: int) -> di
             return record
     at = read_meta(run_dir / CHECKPOINT)["step"]
     if at != step:
-        raise CheckpointError(f"{run_dir}: no score at step {step} with these settings, and the row stands at "
+        raise CheckpointError(f"{run_dir}: no {name} at step {step} with these settings, and the row stands at "
                               f"step {at}; score it with the settings it was scored with, or use another --out")
-    converter, _ = load_evaluable(run_dir / CHECKPOINT, threads=1)
     t0 = time.perf_counter()
-    result = one_shot_nll(converter, x, q, k=settings["k"], seed=settings["seed"], batch_size=batch_size)
-    result["nll_sem_characters"] = sem_over_characters(result["nll_per_target"], targets_per_character(False))
-    record = {"settings": settings, "seconds": time.perf_counter() - t0,
-              **{k: v for k, v in result.items() if k != "nll_per_target"}, "nll_per_target": result["nll_per_target"]}
+    record = {"settings": settings, **compute(run_dir / CHECKPOINT)}
+    record["seconds"] = time.perf_counter() - t0
     atomic_write_bytes(cache, (json.dumps(record) + "\n").encode())
     return record
+
+
+def score(run_dir: Path, step: int, x, q, settings: dict, batch_size: int) -> dict:
+    """The row's validation NLL at `step` (train.evaluate's protocol), cached in the row's directory."""
+    from vce_deploy.nll import load_evaluable, one_shot_nll, sem_over_characters
+
+    def compute(checkpoint: Path) -> dict:
+        converter, _ = load_evaluable(checkpoint, threads=1)
+        result = one_shot_nll(converter, x, q, k=settings["k"], seed=settings["seed"], batch_size=batch_size)
+        result["nll_sem_characters"] = sem_over_characters(result["nll_per_target"], targets_per_character(False))
+        return result
+
+    return _cached(run_dir, "nll_validation", step, settings, compute)
+
+
+def judged(run_dir: Path, step: int, judge, settings: dict, split: str, held_out: tuple[str, ...], data_dir) -> dict:
+    """The row's judged sample fidelity at `step` (train.fidelity's score on the validation
+    alphabets, with a judge trained on their real drawings), cached in the row's directory."""
+    from .fidelity import fidelity_score, load_source
+
+    def compute(checkpoint: Path) -> dict:
+        converter, _ = load_source(str(checkpoint), threads=1)
+        return fidelity_score(converter, "validation", n=settings["n"], characters_every=settings["every"],
+                              seed=settings["seed"], temperatures=FIDELITY_TEMPERATURES, split=split,
+                              data_dir=data_dir, judge=judge, validation_alphabets=held_out, log=lambda m: None)
+
+    return _cached(run_dir, "fidelity_validation", step, dict(settings, judge=judge.key), compute)
 
 
 def paired(row: dict | None, reference: dict | None) -> str:
@@ -125,8 +155,33 @@ def paired(row: dict | None, reference: dict | None) -> str:
     return f"{per_character.mean():+.2f} ± {sem:.2f}"
 
 
+def fidelity_lines(rows: list[Row], fidelity: dict[str, dict], milestone: int) -> list[str]:
+    """The judged columns of the rows scored at `milestone` (train.fidelity's score)."""
+    scored = [row for row in rows if row.name in fidelity]
+    if not scored:
+        return []
+    first = fidelity[scored[0].name]
+    ref = first["reference"]
+    lines = ["", f"Judged sample fidelity after {milestone:,} steps' pairs (`python -m train.fidelity`'s score on "
+             f"the {first['protocol']['characters']} validation characters, {first['protocol']['n']} variations per "
+             f"condition; its judge is trained on those alphabets' real drawings, never the conditions: it reads "
+             f"real redraws right {ref['real_redraw_top1']:.1%}, the condition redrawn with jitter "
+             f"{ref['jittered_condition_top1']:.1%}; a real redraw's IoU with its condition is "
+             f"{ref['real_redraw_iou_condition']:.2f}).", "",
+             "| row | t = 1, thresholded | t = 0.7, means | prior z | posterior z | IoU with condition (t = 1) "
+             "| blanks | KL a target (nats) |", "|---|---|---|---|---|---|---|---|"]
+    for row in scored:
+        record = fidelity[row.name]
+        t1, t07, parts = record["variations"]["1"], record["variations"]["0.7"], record["decomposition"]
+        lines.append(f"| `{row.name}` | {t1['threshold']['top1']:.1%} ± {t1['threshold']['top1_se']:.1%} | "
+                     f"{t07['mean']['top1']:.1%} ± {t07['mean']['top1_se']:.1%} | "
+                     f"{parts['prior_sample']['threshold']:.1%} | {parts['posterior_sample']['threshold']:.1%} | "
+                     f"{t1['iou_condition']:.2f} | {t1['blanks']:.1%} | {record['prior_hole']['kl_per_target']:.1f} |")
+    return lines
+
+
 def markdown(rows: list[Row], scores: dict[str, dict[int, dict]], milestones: list[int], trunk: Path,
-             trunk_meta: dict, command: str, machine: str) -> str:
+             trunk_meta: dict, command: str, machine: str, fidelity: dict[str, dict] | None = None) -> str:
     trunk_config = TrainConfig.from_dict(trunk_meta["train_config"])
     held_out = (f"the alphabets {', '.join(trunk_config.held_out_alphabets)}" if trunk_config.held_out_alphabets
                 else "one character in ten of each training alphabet")
@@ -152,6 +207,7 @@ def markdown(rows: list[Row], scores: dict[str, dict[int, dict]], milestones: li
         order = " / ".join(str(ranks[m].index(row) + 1) if row in ranks[m] else "-" for m in milestones)
         lines.append(f"| {row.label} (`{row.name}`) | " + " | ".join(cells) + f" | {order} | "
                      f"{paired(scores[row.name].get(last), scores[reference.name].get(last))} |")
+    lines += fidelity_lines(rows, fidelity or {}, last)
     lines += ["", f"Command: `{command}`, on {machine}, one thread, beside the campaign and other jobs "
               "(wall times are not comparable; steps are)."]
     if best is not None:
@@ -172,6 +228,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="NLL noise seed")
     parser.add_argument("--batch-size", type=int, default=1000, help="convertor batch for the NLL")
     parser.add_argument("--data-dir", default=None, help="folder with the Omniglot zips")
+    parser.add_argument("--fidelity", action="store_true",
+                        help="also score every row's judged sample fidelity at the last milestone (train.fidelity)")
+    parser.add_argument("--fidelity-n", type=int, default=8, help="variations per condition for --fidelity")
+    parser.add_argument("--fidelity-every", type=int, default=1, help="judge every N-th validation character")
+    add_judge_flags(parser)
     args = parser.parse_args(argv)
     rows = pick_rows(parser, args.rows, ROWS)
     milestones = sorted(set(args.steps))
@@ -191,6 +252,16 @@ def main(argv=None) -> int:
                                    validation_alphabets=trunk_config.held_out_alphabets)
         scores: dict[str, dict[int, dict]] = {row.name: {} for row in rows}
         settings = {"k": args.k, "seed": args.seed, "targets": len(x)}
+        judge, fidelity = None, {}
+        if args.fidelity:
+            from vce_deploy.omniglot import load_split
+
+            from .fidelity import Judge
+
+            judge_config, judge_cache = judge_settings(args)
+            validation = load_split(trunk_config.split, "validation", args.data_dir,
+                                    validation_alphabets=trunk_config.held_out_alphabets)
+            judge = Judge.fit(validation.images, judge_config, judge_cache, log=print)
         for milestone in milestones:
             for row in rows:
                 config = row_config(trunk_meta, row, milestone)
@@ -202,15 +273,24 @@ def main(argv=None) -> int:
                 scores[row.name][milestone] = record
                 print(f"[{row.name}] {milestone} steps' pairs: validation NLL {record['nll_mean']:.2f} ± "
                       f"{record['nll_sem_characters']:.2f} ({record['seconds']:.0f} s)", flush=True)
+                if judge is not None and milestone == milestones[-1]:
+                    fidelity[row.name] = judged(run_dir, config.total_steps, judge,
+                                                {"n": args.fidelity_n, "every": args.fidelity_every, "seed": args.seed},
+                                                trunk_config.split, trunk_config.held_out_alphabets, args.data_dir)
+                    top1 = fidelity[row.name]["variations"]["1"]["threshold"]["top1"]
+                    print(f"[{row.name}] judged top-1 at t = 1, thresholded: {top1:.1%}", flush=True)
                 command = "python -m train.ablate " + " ".join(argv if argv is not None else sys.argv[1:])
                 write_section(Path(args.docs) / "results.md",
-                              markdown(rows, scores, milestones, trunk, trunk_meta, command, this_cpu().describe()),
+                              markdown(rows, scores, milestones, trunk, trunk_meta, command, this_cpu().describe(),
+                                       fidelity),
                               SECTION_BEGIN, SECTION_END)
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     summary = {name: {m: {k: v for k, v in r.items() if k != "nll_per_target"} for m, r in by_m.items()}
                for name, by_m in scores.items()}
+    for name, record in fidelity.items():
+        summary[name]["fidelity"] = {k: record[k] for k in ("variations", "decomposition", "prior_hole")}
     atomic_write_bytes(out / "ablate.json", (json.dumps(summary, indent=2) + "\n").encode())
     return 0
 

@@ -66,8 +66,12 @@ class TrainConfig:
     # default (the paper's loss, bit for bit: train/losses.py KLTerm). free_bits: a floor in nats on
     # each latent dimension's batch-mean KL (Kingma et al. 2016). kl_warmup_steps: KL(z) weighted
     # by beta rising linearly from 0 at the stage's first step to 1 after this many (Bowman et al. 2016).
+    # kl_weight: beta itself, the KL(z) weight the stage ends at (beta-VAE, Higgins et al. 2017); above 1
+    # it pulls every posterior toward N(0, I), the lever on the prior hole of issue 27 (prior samples
+    # judged right far less often than posterior samples: docs/results.md).
     free_bits: float = 0.0
     kl_warmup_steps: int = 0
+    kl_weight: float = 1.0
     # bookkeeping
     log_every: int = 10
     sample_every: int = 1000
@@ -86,7 +90,7 @@ class TrainConfig:
     def stage(self, step: int) -> str:
         if step < self.reptile_steps:
             return "reptile"
-        if step < self.reptile_steps + self.vae_steps:
+        if step < self.final_stage_start:
             return "vae"
         return self.final_loss
 
@@ -99,12 +103,19 @@ class TrainConfig:
             return self.lr * (COSINE_FLOOR + (1 - COSINE_FLOOR) * 0.5 * (1 + math.cos(math.pi * progress)))
         return self.lr * 0.5 ** (done // self.lr_halve_every)
 
+    @property
+    def final_stage_start(self) -> int:
+        return self.reptile_steps + self.vae_steps
+
     def kl_weight_at(self, step: int) -> float:
-        """beta of the KL warm-up at `step`: 1 outside the final stage or with no warm-up."""
-        into_final = step - (self.reptile_steps + self.vae_steps)
-        if self.kl_warmup_steps <= 0 or into_final < 0:
+        """beta on KL(z) at `step`: 1 before the final stage; in it kl_weight, reached linearly
+        over the warm-up's steps when there is one."""
+        into_final = step - self.final_stage_start
+        if into_final < 0:
             return 1.0
-        return min(1.0, into_final / self.kl_warmup_steps)
+        if self.kl_warmup_steps <= 0:
+            return self.kl_weight
+        return self.kl_weight * min(1.0, into_final / self.kl_warmup_steps)
 
     @property
     def held_out_alphabets(self) -> tuple[str, ...]:
@@ -167,7 +178,7 @@ RUN_CONTROL_FIELDS = frozenset({
     "checkpoint_every_s", "time_limit_s", "threads", "final_steps", "device", "autocast"})
 # What a checkpoint written before a field existed was trained with (the field's old behaviour).
 LEGACY_VALUES = {"validation_alphabets": "", "augment": "", "lr_schedule": "halve", "free_bits": 0.0,
-                 "kl_warmup_steps": 0}
+                 "kl_warmup_steps": 0, "kl_weight": 1.0}
 
 
 def preset(name: str) -> TrainConfig:
@@ -222,6 +233,8 @@ def validate(config: TrainConfig) -> None:
         raise ValueError(f"unknown lr schedule {config.lr_schedule!r}; expected one of {list(LR_SCHEDULES)}")
     if not config.free_bits >= 0:  # NaN too
         raise ValueError(f"free_bits: expected nats per latent dimension >= 0 (0 = off), got {config.free_bits}")
+    if not config.kl_weight > 0:  # NaN too
+        raise ValueError(f"kl_weight: expected a KL(z) weight > 0 (1 = the paper's), got {config.kl_weight}")
     if config.kl_warmup_steps < 0:
         raise ValueError(f"kl_warmup_steps: expected a step count >= 0 (0 = off), got {config.kl_warmup_steps}")
 

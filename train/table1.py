@@ -62,7 +62,7 @@ def row_config(stage2_meta: dict, row: Row, final_steps: int | None) -> TrainCon
     """The stage-2 run's config with the row's final loss; everything else (seed, model,
     schedule, stage lengths) stays, so the rows differ in the loss alone."""
     config = TrainConfig.from_dict(stage2_meta["train_config"])
-    boundary = config.reptile_steps + config.vae_steps
+    boundary = config.final_stage_start
     if stage2_meta["step"] != boundary:
         raise CheckpointError(
             f"expected a stage-2 checkpoint at step reptile_steps + vae_steps = {boundary}, "
@@ -189,7 +189,7 @@ def results_markdown(rows: list[Row], records: dict[str, dict[str, dict]], count
     for row in rows:
         lines.append(f"| Our VCE | {row.label} | {_pm(validation[row.name])} | {_pm(test[row.name])} | "
                      f"{_pm(test[row.name], 'elbo')} | {row.paper_nll:g} |")
-    boundary = config.reptile_steps + config.vae_steps
+    boundary = config.final_stage_start
     trunk = (f"{config.reptile_steps} Reptile outer steps of {config.reptile_inner_steps} inner steps, then "
              if config.reptile_steps else "") + f"{config.vae_steps} VAE steps"
     if config.init_from:

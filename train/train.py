@@ -284,7 +284,7 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
                 x, q = batch(config.episodes_per_step, rng)
                 # by step, not by stage name: a final stage with the VAE loss is also called "vae", and its
                 # KL options (free bits, warm-up) live in step_fn only
-                final = step >= config.reptile_steps + config.vae_steps
+                final = step >= config.final_stage_start
                 loss = step_fn(model, x, q, gen, step) if final else vae_loss(model, x, q, gen)
                 apply_gradients(model, loss, optimizers["encoder"], optimizers["convertor"])
         # log
@@ -313,7 +313,7 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
         if done % config.checkpoint_every == 0 or done == config.total_steps or out_of_time or save_due:
             save(done)
             last_save = now
-        if done == config.reptile_steps + config.vae_steps:  # branch point for other final losses (train.table1)
+        if done == config.final_stage_start:  # branch point for other final losses (train.table1)
             save(done, name=STAGE2_CHECKPOINT)
         if out_of_time:
             break
