@@ -86,6 +86,23 @@ def test_convert_json_and_png_match_the_runtime_alone(client, converter):
     assert image.size == (2 * (4 * 30 + 2), 2 * 32)  # 1 condition + 3 samples of 28 px, 2 px pads, scale 2
 
 
+def test_every_entry_point_defaults_to_one_temperature(client, converter):
+    """The API, the HTTP answer and the CLI all default to DEFAULT_TEMPERATURE, not the prior's 1."""
+    import inspect
+
+    from vce_deploy import DEFAULT_TEMPERATURE, Converter
+    from vce_deploy.cli import build_parser
+
+    default = converter.convert(glyph(1), 2, seed=4)
+    np.testing.assert_array_equal(default, converter.convert(glyph(1), 2, seed=4, temperature=DEFAULT_TEMPERATURE))
+    assert not np.allclose(default, converter.convert(glyph(1), 2, seed=4, temperature=1.0))
+    body = client.post("/v1/convert", json={"image": glyph(1).tolist(), "n": 2, "seed": 4}).json()
+    assert body["temperature"] == DEFAULT_TEMPERATURE
+    np.testing.assert_allclose(np.array(body["images"], np.float32), default, atol=JSON_ATOL)
+    assert build_parser().parse_args(["convert", "g.png"]).temperature == DEFAULT_TEMPERATURE
+    assert inspect.signature(Converter.convert_iter).parameters["temperature"].default == DEFAULT_TEMPERATURE
+
+
 def test_seed_is_chosen_and_reported_when_absent(client, converter):
     body = client.post("/v1/convert", json={"image": glyph(2).tolist(), "n": 2}).json()
     np.testing.assert_allclose(np.array(body["images"], np.float32), converter.convert(glyph(2), 2, seed=body["seed"]),

@@ -9,7 +9,7 @@ from .converter import Converter, conversion_grid, save_conversions
 from .errors import (BackendError, BundleError, CheckpointError, DependencyError, EngineMismatchError, InputError,
                      OverloadedError, RequestTimeoutError, VCEError)
 from .grid import save_grid
-from .inputs import DEFAULT_N, preprocess_batch
+from .inputs import DEFAULT_N, DEFAULT_TEMPERATURE, preprocess_batch
 from .preprocess import IMAGE_SIZE, preprocess
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "CheckpointError",
     "Converter",
     "DEFAULT_N",
+    "DEFAULT_TEMPERATURE",
     "DependencyError",
     "EngineMismatchError",
     "IMAGE_SIZE",

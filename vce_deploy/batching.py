@@ -27,7 +27,7 @@ import numpy as np
 
 from .converter import Converter
 from .errors import InputError, OverloadedError, RequestTimeoutError
-from .inputs import positive_int, preprocess_batch, seed_value, temperature_value
+from .inputs import DEFAULT_TEMPERATURE, positive_int, preprocess_batch, seed_value, temperature_value
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class ConvertRequest:
     conditions: np.ndarray
     n: int
     seed: int | None
-    temperature: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE
 
     @property
     def rows(self) -> int:
@@ -46,7 +46,7 @@ class ConvertRequest:
 
 
 def make_request(converter: Converter, images: Any, n: int, seed: int | None = None,
-                 temperature: float = 1.0) -> ConvertRequest:
+                 temperature: float = DEFAULT_TEMPERATURE) -> ConvertRequest:
     """Check the arguments as `Converter.convert` does and preprocess the images (in the
     caller's thread: a bad image fails its own call, never the batch it would have joined)."""
     n = positive_int(n, "n")
@@ -232,7 +232,7 @@ class Batcher:
     def depth(self) -> int:
         return self._queue.depth
 
-    def submit(self, images: Any, n: int, seed: int | None = None, temperature: float = 1.0,
+    def submit(self, images: Any, n: int, seed: int | None = None, temperature: float = DEFAULT_TEMPERATURE,
                timeout: float | None = None) -> concurrent.futures.Future:
         """Queue one convert call; the Future's result is what `converter.convert` would return."""
         request = make_request(self.converter, images, n, seed, temperature)
@@ -242,7 +242,7 @@ class Batcher:
         timeout = self.timeout if timeout is None else timeout
         return self._queue.submit(request, request.rows, timeout)
 
-    def convert(self, images: Any, n: int, seed: int | None = None, temperature: float = 1.0,
+    def convert(self, images: Any, n: int, seed: int | None = None, temperature: float = DEFAULT_TEMPERATURE,
                 timeout: float | None = None) -> np.ndarray:
         """Blocking: the same answer as `converter.convert(images, n, seed, temperature)`."""
         timeout = self.timeout if timeout is None else timeout
@@ -253,7 +253,7 @@ class Batcher:
             future.cancel()
             raise RequestTimeoutError(f"convert: no answer within the timeout of {timeout} s") from None
 
-    async def convert_async(self, images: Any, n: int, seed: int | None = None, temperature: float = 1.0,
+    async def convert_async(self, images: Any, n: int, seed: int | None = None, temperature: float = DEFAULT_TEMPERATURE,
                             timeout: float | None = None) -> np.ndarray:
         """From asyncio: images are preprocessed in the default executor (decoding must not block
         the event loop); cancelling the awaiting task withdraws the request."""

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from .errors import VCEError
 from .grid import FORMATS, WRAP_CELLS
-from .inputs import DEFAULT_N
+from .inputs import DEFAULT_N, DEFAULT_TEMPERATURE
 from .metrics import describe_mapping, describe_metrics
 
 
@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("images", nargs="+", metavar="IMAGE", help="glyph image files (any size, either polarity)")
     convert.add_argument("-n", type=int, default=DEFAULT_N, help=f"variations per glyph (default {DEFAULT_N})")
     convert.add_argument("--seed", type=int, default=None, help="noise seed (default: a fresh one, printed)")
-    convert.add_argument("--temperature", type=float, default=1.0, help="noise scale (default 1.0)")
+    convert.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                         help=f"noise scale (default {DEFAULT_TEMPERATURE}; 1.0 samples the prior)")
     convert.add_argument("-o", "--output", default=None,
                          help=f"image to write, format from its extension ({', '.join(FORMATS)}); its directory must "
                               f"exist; rows wrap every {WRAP_CELLS} cells (default: FIRST_IMAGE.vce.png beside the "

@@ -27,7 +27,8 @@ from .contract import RUN_PRECISIONS
 from .cpu import this_cpu
 from .errors import BundleError, DependencyError, InputError
 from .grid import WRAP_CELLS, save_grid
-from .inputs import DEFAULT_N, glyph_items, positive_int, preprocess_batch, raw_batch, seed_value, temperature_value
+from .inputs import (DEFAULT_N, DEFAULT_TEMPERATURE, glyph_items, positive_int, preprocess_batch, raw_batch,
+                     seed_value, temperature_value)
 from .preprocess import IMAGE_SIZE
 
 DEVICE = re.compile(r"cpu|cuda(:\d+)?|GPU(\.\d+)?|NPU")  # GPU / NPU: OpenVINO's names for Intel devices
@@ -196,14 +197,15 @@ class Converter:
 
     # -- the glyph API ----------------------------------------------------------------------
 
-    def convert(self, images: Any, n: int = DEFAULT_N, seed: int | None = None, temperature: float = 1.0) -> np.ndarray:
+    def convert(self, images: Any, n: int = DEFAULT_N, seed: int | None = None,
+                temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
         """n new variations of every glyph in `images` -> (B, n, 28, 28) float32 Bernoulli means.
 
         images: a path, PIL image or array (H, W) / (H, W, 3 or 4) / (B, H, W) / (B, 1, H, W) /
         (B, H, W, 3 or 4), or a list of them (vce_deploy/inputs.py). n: default DEFAULT_N (16),
-        the same as `vce convert`.
-        All B * n latents are drawn at once from N(0, temperature^2 I), so a seed gives the
-        same output on the same backend whatever max_batch is. seed None: fresh noise.
+        the same as `vce convert`. temperature: default DEFAULT_TEMPERATURE (0.7; 1.0 samples the
+        prior itself). All B * n latents are drawn at once from N(0, temperature^2 I), so a seed
+        gives the same output on the same backend whatever max_batch is. seed None: fresh noise.
         """
         n = positive_int(n, "n")
         seed, temperature = seed_value(seed), temperature_value(temperature)
@@ -232,7 +234,8 @@ class Converter:
                 f"{_plural(glyphs, 'glyph')} x n = {n} samples = {need} bytes of float32 output and latents; "
                 f"{advice} (or raise converter.max_output_bytes)")
 
-    def convert_iter(self, images: Any, n: int = DEFAULT_N, seed: int | None = None, temperature: float = 1.0,
+    def convert_iter(self, images: Any, n: int = DEFAULT_N, seed: int | None = None,
+                     temperature: float = DEFAULT_TEMPERATURE,
                      conditions_per_chunk: int | None = None, progress: bool = False) -> Iterator[np.ndarray]:
         """`convert` for jobs too large to hold at once, in memory bounded by max_batch, not by n
         or the number of images: images are preprocessed only when their chunk is reached.
@@ -297,7 +300,7 @@ class Converter:
         return self._encode(targets, conditions)
 
     def transfer(self, x: Any, q: Any, targets: Any, n: int = 1, seed: int | None = None,
-                 temperature: float = 1.0) -> np.ndarray:
+                 temperature: float = DEFAULT_TEMPERATURE) -> np.ndarray:
         """Apply the rules that turn q into x to other glyphs -> (T, n, 28, 28).
 
         z ~ N(mu, temperature^2 sigma^2) from Enc(x, q), then Con(z, target). One (x, q)

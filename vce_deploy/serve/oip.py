@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..contract import MODEL_IO
+from ..inputs import DEFAULT_TEMPERATURE
 from .requests import ApiError, ServeSettings, dumps, json_body
 
 MODEL = "vce"
@@ -37,7 +38,7 @@ def model_metadata(image_size: int, info: dict) -> dict:
             "inputs": [{"name": CONDITION, "datatype": "FP32", "shape": [-1, -1, -1]}],
             "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, -1, image_size, image_size]}],
             "parameters": {"n": "int >= 1 (default 1)", "seed": "int >= 0 (default: random, reported)",
-                           "temperature": "number > 0 (default 1)", "q datatypes": sorted(DTYPES)}}
+                           "temperature": f"number > 0 (default {DEFAULT_TEMPERATURE:g})", "q datatypes": sorted(DTYPES)}}
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..batching import ConvertRequest, make_request
 from ..errors import InputError
+from ..inputs import DEFAULT_TEMPERATURE
 from ..grid import grid_image
 
 try:  # the serve extra installs orjson (several times faster on arrays); json stays the fallback
@@ -107,7 +108,7 @@ def options(fields: Mapping[str, Any], accept: str | None, settings: ServeSettin
     n = _integer(fields.get("n", default_n), "n", 1, settings.max_n)
     seed = fields.get("seed")
     seed = secrets.randbelow(2**31) if seed is None else _integer(seed, "seed", 0, MAX_SEED)
-    temperature = _number(fields.get("temperature", 1.0), "temperature")
+    temperature = _number(fields.get("temperature", DEFAULT_TEMPERATURE), "temperature")
     answer = fields.get("format")
     if answer is None:
         answer = negotiated(accept)
