@@ -16,6 +16,7 @@ from train.losses import vae_loss
 from train.train import apply_gradients
 from vce_deploy.model import VCE, ModelConfig
 from vce_deploy.omniglot import Split
+from test_train import cached_data, splits  # noqa: F401  (fixtures)
 
 SMOKE = ModelConfig(channels=8, blocks=1)
 CPU = torch.device("cpu")
@@ -141,3 +142,19 @@ def test_a_batch_of_another_shape_is_refused():
                      19, CPU, compile=False)
     with pytest.raises(ValueError, match=r"built for a batch of shape \(19, 1, 28, 28\), got \(38, 1, 28, 28\)"):
         step(torch.zeros(38, 1, 28, 28), torch.zeros(38, 1, 28, 28), torch.zeros(38, 56), 1e-3)
+
+
+def test_a_run_with_the_compiled_step_is_the_eager_run_within_rounding(tmp_path, cached_data):  # noqa: F811
+    from test_train import CHECKPOINT, _log_rows, _weights, tiny
+    from train.train import train
+
+    train(tiny(), tmp_path / "eager", progress=False)
+    train(tiny(compiled_step=True), tmp_path / "compiled", progress=False)  # 4 VAE steps through the whole step
+    eager, compiled = _weights(tmp_path / "eager" / CHECKPOINT), _weights(tmp_path / "compiled" / CHECKPOINT)
+    assert eager.keys() == compiled.keys()
+    worst = max(float((eager[k].float() - compiled[k].float()).abs().max()) for k in eager if k.startswith("model."))
+    assert 0 < worst < 0.02 * tiny().lr * 9, worst  # not the same code path, the same numbers (see the bound above)
+    rows_e, rows_c = _log_rows(tmp_path / "eager" / "losses.csv"), _log_rows(tmp_path / "compiled" / "losses.csv")
+    assert [r["step"] for r in rows_e] == [r["step"] for r in rows_c]
+    np.testing.assert_allclose([float(r["loss"] or r["loss_c"]) for r in rows_c],
+                               [float(r["loss"] or r["loss_c"]) for r in rows_e], rtol=1e-3)

@@ -40,6 +40,16 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> N
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32, device=device)
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The learning rate of every group: filled into the device tensor of a capturable Adam (a
+    graph replays with the new rate), else set as the float it is."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
 class WholeStep:
     """The VAE stage's step, compiled once for one batch shape and replayed every call.
 
@@ -76,8 +86,7 @@ class WholeStep:
         if x.shape != self.x.shape:
             raise ValueError(f"WholeStep was built for a batch of shape {tuple(self.x.shape)}, got {tuple(x.shape)}")
         for opt in (self.opt_enc, self.opt_con):
-            for group in opt.param_groups:
-                group["lr"].fill_(lr)
+            set_lr(opt, lr)
         self.x.copy_(x)
         self.q.copy_(q)
         self.noise.copy_(noise)
