@@ -158,3 +158,20 @@ def test_a_run_with_the_compiled_step_is_the_eager_run_within_rounding(tmp_path,
     assert [r["step"] for r in rows_e] == [r["step"] for r in rows_c]
     np.testing.assert_allclose([float(r["loss"] or r["loss_c"]) for r in rows_c],
                                [float(r["loss"] or r["loss_c"]) for r in rows_e], rtol=1e-3)
+
+
+def test_train_gpu_script_asked_for_the_compiled_step_trains_with_it_in_its_dry_mode(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vce_deploy.checkpoint import read_meta
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, VCE_TRAIN_GPU_DRY="1", COMPILED_STEP="1", PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    done = subprocess.run(["bash", str(root / "scripts" / "train_gpu.sh"), str(tmp_path / "gpu")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    meta = read_meta(tmp_path / "gpu" / "checkpoint.safetensors")
+    assert meta["step"] == 36 and meta["train_config"]["compiled_step"] is True
