@@ -8,6 +8,7 @@
 #   bash scripts/gpu_session.sh --prepare   here, once: copies the zips into data/omniglot
 #   bash scripts/gpu_session.sh "$OUT"      on the lent machine
 # VCE_SESSION_DRY=1 runs the same steps on the CPU (smoke preset, `--device cpu --quick`): the tests.
+# COMPILED_STEP=1 trains with the captured whole step (scripts/train_gpu.sh says what it is).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = --prepare ]; then
@@ -29,7 +30,7 @@ if [ "${VCE_SESSION_DRY:-0}" = 1 ]; then
     export VCE_TRAIN_GPU_DRY=1
     check_args=(--device cpu --quick)
 fi
-echo "[gpu_session] train ${train_s}s into $run_dir" | tee -a "$log"
+echo "[gpu_session] train ${train_s}s into $run_dir (compiled step: ${COMPILED_STEP:-0})" | tee -a "$log"
 train_rc=0
 TIME_LIMIT_S=$train_s bash scripts/train_gpu.sh "$run_dir" >>"$log" 2>&1 || train_rc=$?
 echo "[gpu_session] training exit $train_rc" | tee -a "$log"

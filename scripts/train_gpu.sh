@@ -7,6 +7,9 @@
 # `carry`: ../shared does not travel to a lent machine), else ../shared/data/omniglot here.
 # TIME_LIMIT_S (default the preset's) caps the training; the hard stop is 45 s after it.
 # Rerunning with the same OUT_DIR resumes from its checkpoint.
+# COMPILED_STEP=1 runs the VAE stage through the captured whole step (--compiled-step true:
+# torch.compile mode="reduce-overhead", CUDA graphs, capturable Adam; train/compiled_step.py).
+# Off by default: not yet run or timed on a GPU, and compiling costs time out of the budget.
 # VCE_TRAIN_GPU_DRY=1 runs the same path on the CPU with the smoke model (what the tests do).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +30,9 @@ if [ "${VCE_TRAIN_GPU_DRY:-0}" = 1 ]; then
 else
     "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA GPU visible to PyTorch: use a GPU machine, or VCE_TRAIN_GPU_DRY=1")'
     preset=(--preset gpu)
+fi
+if [ "${COMPILED_STEP:-0}" = 1 ]; then
+    preset+=(--compiled-step true)
 fi
 limit=()
 hard_stop=560

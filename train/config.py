@@ -82,6 +82,9 @@ class TrainConfig:
     time_limit_s: float = 0.0  # stop cleanly (checkpoint written) after this much wall time; 0: no limit
     threads: int = 0  # 0: physical cores
     channels_last: bool = False
+    # the VAE stage's whole step (forward, backward, Adam) through torch.compile, CUDA graphs on a
+    # GPU (train/compiled_step.py); off: the eager step. Same numbers within rounding (tests).
+    compiled_step: bool = False
 
     @property
     def total_steps(self) -> int:
@@ -175,7 +178,7 @@ COSINE_FLOOR = 0.05
 # "constant": check_resumable refuses a cosine run whose length changed).
 RUN_CONTROL_FIELDS = frozenset({
     "init_from", "log_every", "sample_every", "checkpoint_every", "validate_every", "validate_k",
-    "checkpoint_every_s", "time_limit_s", "threads", "final_steps", "device", "autocast"})
+    "checkpoint_every_s", "time_limit_s", "threads", "final_steps", "device", "autocast", "compiled_step"})
 # What a checkpoint written before a field existed was trained with (the field's old behaviour).
 LEGACY_VALUES = {"validation_alphabets": "", "augment": "", "lr_schedule": "halve", "free_bits": 0.0,
                  "kl_warmup_steps": 0, "kl_weight": 1.0}

@@ -6,22 +6,52 @@ import numpy as np
 from vce_deploy.omniglot import DRAWINGS_PER_CHARACTER, Split
 
 
+def episode_indices(characters: int, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The random draws of `count` episodes, in the order every seeded run has made them: the
+    characters, then one permutation of the drawings per character (order[0] is the condition).
+    -> (chars (count,), orders (count, DRAWINGS_PER_CHARACTER))."""
+    chars = rng.choice(characters, size=count, replace=count > characters)
+    orders = np.stack([rng.permutation(DRAWINGS_PER_CHARACTER) for _ in chars])
+    return chars, orders
+
+
 def sample_episodes(split: Split, count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """`count` episodes: one character each, one drawing as condition q, the other 19 as
     targets x (paper section 3.3: every pair in a batch shares one condition).
 
     Returns x, q as float32 (count * 19, 1, 28, 28), episode-major.
     """
-    chars = rng.choice(len(split), size=count, replace=count > len(split))
-    xs, qs = [], []
-    for c in chars:
-        order = rng.permutation(DRAWINGS_PER_CHARACTER)
-        q = split.images[c, order[0]]
-        xs.append(split.images[c, order[1:]])
-        qs.append(np.broadcast_to(q, xs[-1].shape))
-    x = np.concatenate(xs)[:, None]
-    q = np.concatenate(qs)[:, None]
-    return np.ascontiguousarray(x), np.ascontiguousarray(q)
+    chars, orders = episode_indices(len(split), count, rng)
+    x = split.images[chars[:, None], orders[:, 1:]].reshape(-1, 1, *split.images.shape[2:])
+    q = np.repeat(split.images[chars, orders[:, 0]], DRAWINGS_PER_CHARACTER - 1, axis=0)[:, None]
+    return np.ascontiguousarray(x, dtype=np.float32), np.ascontiguousarray(q, dtype=np.float32)
+
+
+class DeviceEpisodes:
+    """The training images as one tensor on the training device, copied there once; episodes
+    are gathered by index on the device (issue 25: no host-to-device copy of every batch).
+    The same draws as sample_episodes (episode_indices), so the same values: a seeded run's
+    episode stream does not depend on where its images live."""
+
+    def __init__(self, split: Split, device, memory_format=None):
+        import torch
+
+        self.torch, self.memory_format = torch, memory_format or torch.contiguous_format
+        self.images = torch.from_numpy(np.ascontiguousarray(split.images, dtype=np.float32)).to(device)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def sample(self, count: int, rng: np.random.Generator):
+        """-> x, q: float32 (count * 19, 1, 28, 28) tensors on the device, as sample_episodes."""
+        torch = self.torch
+        chars, orders = episode_indices(len(self), count, rng)
+        # one small index copy (count * 20 integers) instead of the batch's pixels
+        index = torch.from_numpy(np.concatenate([chars[:, None], orders], axis=1)).to(self.images.device)
+        chars_t, orders_t = index[:, 0], index[:, 1:]
+        x = self.images[chars_t[:, None], orders_t[:, 1:]].reshape(-1, 1, *self.images.shape[2:])
+        q = self.images[chars_t, orders_t[:, 0]].repeat_interleave(DRAWINGS_PER_CHARACTER - 1, 0)[:, None]
+        return (t.contiguous(memory_format=self.memory_format) for t in (x, q))
 
 
 # Augmentations (train/config.py AUGMENTATIONS; docs/results.md has their ablation rows)

@@ -102,11 +102,13 @@ class LossTerms:
     convertor_after_encoder_step: Callable[[], torch.Tensor] | None = None
 
 
-def vae_loss(model: VCE, x: torch.Tensor, q: torch.Tensor, generator=None, kl_term: KLTerm = PAPER_KL) -> LossTerms:
+def vae_loss(model: VCE, x: torch.Tensor, q: torch.Tensor, generator=None, kl_term: KLTerm = PAPER_KL,
+             noise: torch.Tensor | None = None) -> LossTerms:
     """Eq. 2 as a loss: L = KL(z) + CON(x, x_c); one objective for both networks.
-    kl_term: free bits and the warm-up's beta on KL(z) (KLTerm; the default is eq. 2 as written)."""
+    kl_term: free bits and the warm-up's beta on KL(z) (KLTerm; the default is eq. 2 as written).
+    noise: eps of the reparameterisation drawn beforehand (vce_deploy.model.reparameterize)."""
     mu, logvar = model.encoder(x, q)
-    logits = model.convertor.logits(reparameterize(mu, logvar, generator), q)
+    logits = model.convertor.logits(reparameterize(mu, logvar, generator, noise), q)
     l_kl, l_con = kl(mu, logvar), con(logits, x)
     total = kl_term.objective(mu, logvar, l_kl) + l_con
     return LossTerms(total, total, {"kl": l_kl.detach(), "con": l_con.detach(), "loss": total.detach()})

@@ -1,7 +1,8 @@
 """python -m train.speed: training steps/s of the default model on this machine, per option.
 
 Times whole optimiser steps (forward, backward, Adam) of the VAE and LMVAE stages on real
-episodes, for each option (memory format, bf16 autocast, torch.compile, episodes per step),
+episodes, for each option (memory format, bf16 autocast, torch.compile of the encoder and the
+convertor, torch.compile of the whole VAE step: train/compiled_step.py, episodes per step),
 so the choices the presets make are measured ones. The machines are shared and noisy, so the
 options are interleaved: every option runs once per round for `--seconds`, over `--rounds`
 rounds, and the median and range of each are reported (docs/training.md).
@@ -14,7 +15,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from vce_deploy.cpu import cpu_flags, cpu_model, has_native_bf16
 from vce_deploy.model import VCE, ModelConfig
 from vce_deploy.omniglot import load_split
 
+from .compiled_step import WholeStep, draw_noise
 from .data import sample_episodes
 from .losses import lmvae_loss, vae_loss
 from .train import apply_gradients
@@ -34,14 +36,17 @@ STAGES = {"vae": vae_loss, "lmvae": lambda m, x, q: lmvae_loss(m, x, q, alternat
 class Option:
     channels_last: bool = True
     bf16: bool = False
-    compiled: bool = False
+    compiled: bool = False  # torch.compile of encoder.forward and convertor.logits
     episodes: int = 1
+    whole_step: bool = False  # torch.compile of the whole VAE step (forward, backward, Adam)
 
     @property
     def label(self) -> str:
         parts = ["channels_last" if self.channels_last else "contiguous", "bf16" if self.bf16 else "fp32"]
         if self.compiled:
             parts.append("compiled")
+        if self.whole_step:
+            parts.append("whole-step compiled")
         return " ".join(parts) + f" x{self.episodes}"
 
 
@@ -58,12 +63,22 @@ class Contender:
         self.opt_enc = torch.optim.Adam(self.model.encoder.parameters(), 1e-4)
         self.opt_con = torch.optim.Adam(self.model.convertor.parameters(), 1e-4)
         self.rng = np.random.default_rng(0)
+        self.whole = None
+        if option.whole_step:
+            if stage != "vae":
+                raise ValueError(f"the whole-step option is the VAE stage's only, got stage {stage!r}")
+            self.whole = WholeStep(self.model, self.opt_enc, self.opt_con, 19 * option.episodes, device,
+                                   self.memory_format, autocast=option.bf16)
+            self.noise = torch.Generator(device.type).manual_seed(0)
         for _ in range(3):  # warm-up (and compilation)
             self.step()
 
     def step(self) -> None:
         x, q = (torch.from_numpy(a).to(self.device, memory_format=self.memory_format)
                 for a in sample_episodes(self.split, self.option.episodes, self.rng))
+        if self.whole is not None:
+            self.whole(x, q, draw_noise(len(x), self.model.config.latent_dim, self.noise, self.device), 1e-4)
+            return
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.option.bf16):
             apply_gradients(self.model, STAGES[self.stage](self.model, x, q), self.opt_enc, self.opt_con)
 
@@ -77,13 +92,16 @@ class Contender:
         return count / (time.perf_counter() - start)
 
 
-def default_options(device: torch.device, with_compile: bool) -> list[Option]:
+def default_options(device: torch.device, with_compile: bool, compile_only: bool = False) -> list[Option]:
     bf16_native = torch.cuda.is_bf16_supported() if device.type == "cuda" else has_native_bf16()
+    if compile_only:  # the eager step against both kinds of compilation, at the default's precision
+        return [Option(bf16=bf16_native), Option(compiled=True, bf16=bf16_native),
+                Option(whole_step=True, bf16=bf16_native)]
     options = [Option(channels_last=False), Option(), Option(episodes=2)]
     if bf16_native:  # bf16 without native support runs emulated, far slower: not worth a row
         options += [Option(bf16=True), Option(bf16=True, episodes=2)]
     if with_compile:
-        options.append(Option(compiled=True, bf16=bf16_native))
+        options += [Option(compiled=True, bf16=bf16_native), Option(whole_step=True, bf16=bf16_native)]
     return options
 
 
@@ -95,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="time only the eager step, the compiled networks and the compiled whole step")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -108,7 +128,8 @@ def main(argv=None) -> int:
           f"torch {torch.__version__}, {args.rounds} rounds x {args.seconds:g} s, load {machine['load_average'][0]:.1f}")
     rows = []
     for stage in args.stages:
-        contenders = [Contender(o, stage, split, device) for o in default_options(device, args.compile)]
+        contenders = [Contender(o, stage, split, device) for o in default_options(device, args.compile, args.compile_only)
+                      if stage == "vae" or not o.whole_step]
         rates: dict[Option, list[float]] = {c.option: [] for c in contenders}
         for _ in range(args.rounds):
             for contender in contenders:  # interleaved: a neighbour's load hits every option alike
@@ -116,13 +137,14 @@ def main(argv=None) -> int:
         base = statistics.median(rates[contenders[0].option])
         for option, values in rates.items():
             median = statistics.median(values)
-            rows.append({"stage": stage, **asdict(option), "steps_per_s_median": median,
+            rows.append({"stage": stage, **asdict(option), "label": option.label, "steps_per_s_median": median,
                          "steps_per_s_min": min(values), "steps_per_s_max": max(values),
-                         "pairs_per_s_median": median * 19 * option.episodes, "speedup": median / base})
-    print("| stage | option | steps/s median (min-max) | pairs/s | vs contiguous fp32 |")
+                         "pairs_per_s_median": median * 19 * option.episodes, "speedup": median / base,
+                         "speedup_against": contenders[0].option.label})
+    print("| stage | option | steps/s median (min-max) | pairs/s | vs the stage's first row |")
     print("|---|---|---|---|---|")
     for r in rows:
-        option = Option(r["channels_last"], r["bf16"], r["compiled"], r["episodes"])
+        option = Option(**{f.name: r[f.name] for f in fields(Option)})
         print(f"| {r['stage']} | {option.label} | {r['steps_per_s_median']:.2f} ({r['steps_per_s_min']:.2f}-"
               f"{r['steps_per_s_max']:.2f}) | {r['pairs_per_s_median']:.0f} | {r['speedup']:.2f}x |")
     if args.json:

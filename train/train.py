@@ -25,9 +25,9 @@ from vce_deploy.model import VCE
 from vce_deploy.cpu import has_native_bf16
 from vce_deploy.omniglot import Split, load_split, nll_targets
 
-from . import device_step
+from . import compiled_step, device_step
 from .config import TrainConfig, resume_mismatches, validate
-from .data import jitter_drawings, rotated_classes, sample_episodes
+from .data import DeviceEpisodes, jitter_drawings, rotated_classes, sample_episodes
 from .losses import LOSSES, KLTerm, LossTerms, vae_loss
 
 LOG_COLUMNS = ("step", "stage", "lr", "seconds", "loss", "loss_e", "loss_c", "kl", "con", "reg", "kl_c", "kl_s")
@@ -244,12 +244,20 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
             for key, value in state.items():
                 state[key] = value.to(device) if key != "step" else value
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(config))
+    # on a GPU the images live there, copied once (the host path's draws: the same episodes)
+    on_device = DeviceEpisodes(train_split, device, memory_format) if device.type == "cuda" and not jitter else None
+    whole_step = None  # built after the resume: it makes the (resumed) optimisers capturable
+    if config.compiled_step:
+        whole_step = compiled_step.WholeStep(model, optimizers["encoder"], optimizers["convertor"],
+                                             19 * config.episodes_per_step, device, memory_format, use_bf16(config))
     log_handle, log = _open_log(out, start)
     step_fn = final_loss(config)
     recent: list[float] = []
     t0 = last_save = time.perf_counter()
 
     def batch(episodes: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+        if on_device is not None:
+            return on_device.sample(episodes, rng)
         x, q = sample_episodes(train_split, episodes, rng)
         if jitter:
             x = jitter_drawings(x, rng)
@@ -267,8 +275,7 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
         stage = config.stage(step)
         lr = config.lr_at(step)
         for name in ("encoder", "convertor"):
-            for group in optimizers[name].param_groups:
-                group["lr"] = lr
+            compiled_step.set_lr(optimizers[name], lr)
         # the step
         with autocast:
             if stage == "reptile":
@@ -280,22 +287,28 @@ def train(config: TrainConfig, out: str | os.PathLike, data_dir=None, progress: 
                     loss.encoder.backward()
                     optimizers["reptile"].step()
                 reptile_outer_step(model, phi, config.reptile_epsilon)
+                terms = loss.terms
             else:
                 x, q = batch(config.episodes_per_step, rng)
                 # by step, not by stage name: a final stage with the VAE loss is also called "vae", and its
                 # KL options (free bits, warm-up) live in step_fn only
                 final = step >= config.final_stage_start
-                loss = step_fn(model, x, q, gen, step) if final else vae_loss(model, x, q, gen)
-                apply_gradients(model, loss, optimizers["encoder"], optimizers["convertor"])
+                if whole_step is not None and not final:
+                    noise = compiled_step.draw_noise(len(x), config.model.latent_dim, gen, device)
+                    terms = whole_step.terms(whole_step(x, q, noise, lr))
+                else:
+                    loss = step_fn(model, x, q, gen, step) if final else vae_loss(model, x, q, gen)
+                    apply_gradients(model, loss, optimizers["encoder"], optimizers["convertor"])
+                    terms = loss.terms
         # log
-        headline = loss.terms.get("loss", loss.terms.get("loss_c"))  # a device tensor: no sync here
+        headline = terms.get("loss", terms.get("loss_c"))  # a device tensor: no sync here
         recent = (recent + [headline])[-100:]
         if step % config.log_every == 0 or step == config.total_steps - 1:
-            terms = device_step.read_terms(loss.terms)  # the one host read of the step's terms
+            logged = device_step.read_terms(terms)  # the one host read of the step's terms
             log.writerow({"step": step + 1, "stage": stage, "lr": lr, "seconds": round(time.perf_counter() - t0, 2),
-                          **{k: round(v, 4) for k, v in terms.items()}})
+                          **{k: round(v, 4) for k, v in logged.items()}})
             log_handle.flush()
-            bar.set_postfix(stage=stage, **{k: f"{v:.1f}" for k, v in terms.items() if k in ("kl", "con", "kl_c")})
+            bar.set_postfix(stage=stage, **{k: f"{v:.1f}" for k, v in logged.items() if k in ("kl", "con", "kl_c")})
         done = step + 1
         # samples, validation and checkpoint
         if done % config.sample_every == 0 or done == config.total_steps:

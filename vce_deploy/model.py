@@ -107,7 +107,9 @@ class VCE(nn.Module):
         self.convertor = Convertor(config)
 
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z = mu + sigma * eps (paper section 3.1)."""
-    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+    """z = mu + sigma * eps (paper section 3.1). `noise`: eps drawn beforehand (a captured
+    training step reads it from a static buffer: train/compiled_step.py), else drawn here."""
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device) if noise is None else noise.to(mu.dtype)
     return mu + torch.exp(0.5 * logvar) * eps
