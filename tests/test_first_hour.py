@@ -199,6 +199,30 @@ def test_record_nll_reseals_and_refuses_a_partial_evaluation(tmp_path):
         record(copy, [("fp32", result), ("int8", dict(result, k=1000))])
 
 
+def test_record_fidelity_puts_the_default_outputs_judged_score_in_the_manifest(tmp_path):
+    import shutil
+
+    from export.record_nll import main as record_main
+    from vce_deploy import DEFAULT_TEMPERATURE
+    from vce_deploy.bundle import Bundle
+
+    shipped = Bundle.load(verify=False).manifest.metrics["fidelity_reported"]
+    assert shipped["default_output"]["temperature"] == DEFAULT_TEMPERATURE, "re-record after changing the default"
+    copy = tmp_path / "bundle"
+    shutil.copytree(ROOT / "vce_deploy/default_bundle", copy)
+    result = json.loads((ROOT / "docs/measurements/fidelity_forms_every4.json").read_text())
+    source = tmp_path / "fidelity.json"
+    source.write_text(json.dumps(result))
+    assert record_main([str(copy), "--fidelity", str(source)]) == 0
+    section = Bundle.load(copy).manifest.metrics["fidelity_reported"]  # verifies the new seal
+    at_default = result["variations"][f"{DEFAULT_TEMPERATURE:g}"]["mean"]["top1"]
+    assert section["default_output"]["top1"] == at_default and section["protocol"]["part"] == "test"
+    for bad in (dict(result, protocol=dict(result["protocol"], part="validation")),
+                dict(result, variations={"1": result["variations"]["1"]})):
+        source.write_text(json.dumps(bad))
+        assert record_main([str(copy), "--fidelity", str(source)]) == 1
+
+
 # -- 9. a quiet build ------------------------------------------------------------------------
 
 def test_packaging_config_is_the_non_deprecated_form():
