@@ -101,6 +101,8 @@ def test_every_entry_point_defaults_to_one_temperature(client, converter):
     np.testing.assert_allclose(np.array(body["images"], np.float32), default, atol=JSON_ATOL)
     assert build_parser().parse_args(["convert", "g.png"]).temperature == DEFAULT_TEMPERATURE
     assert inspect.signature(Converter.convert_iter).parameters["temperature"].default == DEFAULT_TEMPERATURE
+    page = client.get("/").text  # the drawing page's field starts there too (tests/test_browser.py compares pixels)
+    assert f'id="temperature" type="number" min="0.05" max="3" step="0.05" value="{DEFAULT_TEMPERATURE:g}"' in page
 
 
 def test_seed_is_chosen_and_reported_when_absent(client, converter):

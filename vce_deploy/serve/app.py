@@ -24,7 +24,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..batching import Batcher, ConvertRequest, convert_merged
 from ..errors import InputError, OverloadedError, RequestTimeoutError
-from ..inputs import preprocess_batch
+from ..inputs import DEFAULT_TEMPERATURE, preprocess_batch
 from ..preprocess import preprocess
 from . import oip
 from .controls import Controls
@@ -243,7 +243,10 @@ def create_app(converter, settings: ServeSettings | None = None):
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
-        return HTMLResponse((resources.files(__package__) / "static" / "index.html").read_text())
+        # the page's temperature field starts at the API's own default, so what the page shows
+        # is what a client that names no temperature gets (vce_deploy/inputs.py)
+        html = (resources.files(__package__) / "static" / "index.html").read_text()
+        return HTMLResponse(html.replace("{{DEFAULT_TEMPERATURE}}", f"{DEFAULT_TEMPERATURE:g}"))
 
     app.mount("/static", StaticFiles(packages=[(__package__, "static")]), name="static")
     app.state.settings = settings
