@@ -17,7 +17,7 @@ os.environ.setdefault("VCE_AUTO_MEASURE", "0")
 
 def pytest_addoption(parser):
     parser.addoption("--fake-cpu", default=os.environ.get("VCE_FAKE_CPU"), metavar="CLASS",
-                     help="run as if on this CPU class (vce_deploy/cpu.py CPU_CLASSES: amx, vnni, zen3); "
+                     help="run as if on this CPU class (vce_deploy/cpu.py CPU_CLASSES: amx, vnni, zen3, zen4); "
                           "default $VCE_FAKE_CPU, else the real CPU")
 
 

@@ -61,6 +61,8 @@ CPU_CLASSES = {
                                                            "amx_tile", "amx_bf16", "amx_int8"})),
     "vnni": CpuInfo("Intel Xeon Cascade Lake (faked)", frozenset({"avx2", "fma", "avx512f", "avx512_vnni"})),
     "zen3": CpuInfo("AMD EPYC Zen 3 (faked)", frozenset({"avx2", "fma"})),
+    # Zen 4: AVX-512 with VNNI and BF16 dot products, no AMX (seen in session 8, docs/cpu_inference.md)
+    "zen4": CpuInfo("AMD EPYC Zen 4 (faked)", frozenset({"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"})),
 }
 _faked: CpuInfo | None = None
 
