@@ -77,11 +77,12 @@ def _weights_only(checkpoint: Path, stage: Path) -> None:
     (stage / "checkpoint.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def _calibration_pairs(train, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _calibration_pairs(train, seed: int, per_character: int = CALIBRATION_PAIRS_PER_CHARACTER
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """Real training pairs, a few per character so every training alphabet sets the ranges."""
     rng = np.random.default_rng(seed)
     chars, drawings = train.images.shape[:2]
-    c = np.repeat(np.arange(chars), CALIBRATION_PAIRS_PER_CHARACTER)
+    c = np.repeat(np.arange(chars), per_character)
     i = rng.integers(0, drawings, len(c))
     j = (i + rng.integers(1, drawings, len(c))) % drawings
     order = rng.permutation(len(c))  # batches mix characters, as real traffic does
@@ -173,7 +174,7 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
 
     from .golden import GOLDEN_FILE, check_golden, write_golden
     from .onnx_export import export_onnx
-    from .quantize import calibration_batches, fp16_cast_note, to_fp16, to_int8
+    from .quantize import INT8_CHECK_MARGIN, calibration_batches, fp16_cast_note, to_fp16, to_int8
 
     precisions = _check_precisions(precisions)
     checkpoint, out = Path(checkpoint), Path(out)
@@ -195,19 +196,27 @@ def export_bundle(checkpoint, out, precisions=("fp32", "int8"), opset: int = DEF
             for role in MODELS:
                 to_fp16(stage / model_file(role, "fp32"), stage / model_file(role, "fp16"), role, size, latent, opset)
         if "int8" in precisions:
-            x, q = _calibration_pairs(load_split(split, "train", data_dir), seed=0)
-            feeds = calibration_batches(reference, x, q)
+            train = load_split(split, "train", data_dir)
+            feeds = calibration_batches(reference, *_calibration_pairs(train, seed=0))
+            # other pairs of the same training characters (never the test's) check the int8 graphs
+            checks = calibration_batches(reference, *_calibration_pairs(train, seed=1, per_character=1), seed=1)
+            float_convs = {}
             for _, consumer in VARIANTS["int8"]:
                 for role in MODELS:
-                    to_int8(stage / model_file(role, "fp32"), stage / model_file(role, "int8", consumer), role,
-                            feeds[role], size, latent, opset, consumer)
+                    float_convs.setdefault(consumer, {})[role] = to_int8(
+                        stage / model_file(role, "fp32"), stage / model_file(role, "int8", consumer), role,
+                        feeds[role], size, latent, opset, consumer, check_feeds=checks[role])
+                    log(f"int8 {role} ({consumer} form): float Convs {float_convs[consumer][role]}")
             exporter["int8_calibration"] = {
-                "pairs": int(len(x)), "source": "training alphabets, real (x, q) pairs",
+                "pairs": sum(len(f["x"]) for f in feeds["encoder"]), "source": "training alphabets, real (x, q) pairs",
                 "convertor_latents": "half z ~ q(z|x,q) from the fp32 encoder, half z ~ N(0, I)",
                 "method": "MinMax", "weights": "per-channel symmetric int8",
                 "forms": {"tensorrt": "QDQ, symmetric int8 activations (zero point 0)",
                           "cpu": "QDQ, asymmetric uint8 activations (ONNX Runtime x86 U8S8, OpenVINO)"},
-                "quantized_ops": ["Conv"], "float_ops": ["the stem Conv reading the inputs"]}
+                "quantized_ops": ["Conv"], "float_ops": ["the stem Conv reading the inputs"],
+                # mixed int8 (export/quantize.py to_int8): per form and graph, the Convs kept float
+                "float_convs": float_convs,
+                "check": f"worst error against fp32 on other training pairs <= {INT8_CHECK_MARGIN} of the int8 tolerance"}
         entries = _entries(stage, precisions, size, latent)
         entries[GOLDEN_FILE] = write_golden(stage, reference, test.images, latent)  # export/golden.py
         manifest = Manifest(

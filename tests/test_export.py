@@ -124,6 +124,31 @@ def test_each_backend_picks_its_own_int8_form(smoke_bundle):
     assert "convertor.int8.cpu.onnx (consumer cpu)" in conv.backend_info.detail
 
 
+def test_int8_keeps_in_float_the_convs_the_check_cannot_hold(smoke_bundle, test_images, monkeypatch, tmp_path):
+    """Mixed int8 (export/quantize.py to_int8): when the all-int8 graph leaves the check's margin,
+    the Convs with the largest int8 error stay float, worst first, until it holds; when even half
+    of them in float cannot hold it, the export fails naming the graph and the form."""
+    from export import quantize
+    from export.onnx_export import ExportError
+    from vce_deploy import Converter
+
+    reference = Converter.load(smoke_bundle, backend="onnxruntime", precision="fp32")
+    feeds = quantize.calibration_batches(reference, test_images[:96, 0, None], test_images[:96, 1, None], batch=32)
+    src, args = smoke_bundle / "convertor.onnx", ("convertor", feeds["convertor"], 28, 56, 18, "cpu")
+    assert len(quantize.to_int8(src, tmp_path / "all.onnx", *args)) == 1, "without a check: the stem alone is float"
+    all_int8 = quantize.int8_error(src, tmp_path / "all.onnx", feeds["convertor"])
+    monkeypatch.setattr(quantize, "INT8_CHECK_MARGIN", 0.99 * all_int8)  # the all-int8 graph now misses the margin
+    floats = quantize.to_int8(src, tmp_path / "mixed.onnx", *args, check_feeds=feeds["convertor"])
+    assert len(floats) > 1 and floats[0] == quantize.stem_conv(onnx.load(str(src)))
+    assert quantize.int8_error(src, tmp_path / "mixed.onnx", feeds["convertor"]) <= 0.99 * all_int8
+    mixed = onnx.load(str(tmp_path / "mixed.onnx"))
+    weights = {t.name for t in mixed.graph.initializer}
+    assert {n.name for n in mixed.graph.node if n.op_type == "Conv" and n.input[1] in weights} == set(floats)
+    monkeypatch.setattr(quantize, "INT8_CHECK_MARGIN", 0.0)
+    with pytest.raises(ExportError, match=r"convertor int8 \(cpu form\): expected the worst error"):
+        quantize.to_int8(src, tmp_path / "never.onnx", *args, check_feeds=feeds["convertor"])
+
+
 def test_int8_is_symmetric_per_channel_qdq(smoke_bundle):
     model = onnx.load(str(smoke_bundle / "convertor.int8.onnx"))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
