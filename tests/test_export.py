@@ -126,10 +126,9 @@ def test_each_backend_picks_its_own_int8_form(smoke_bundle):
 
 def test_int8_keeps_in_float_the_convs_the_check_cannot_hold(smoke_bundle, test_images, monkeypatch, tmp_path):
     """Mixed int8 (export/quantize.py to_int8): when the all-int8 graph leaves the check's margin,
-    the Convs with the largest int8 error stay float, worst first, until it holds; when even half
-    of them in float cannot hold it, the export fails naming the graph and the form."""
+    the Convs with the largest int8 error stay float, worst first, until it holds; at worst all
+    of them, and the file says so."""
     from export import quantize
-    from export.onnx_export import ExportError
     from vce_deploy import Converter
 
     reference = Converter.load(smoke_bundle, backend="onnxruntime", precision="fp32")
@@ -144,9 +143,11 @@ def test_int8_keeps_in_float_the_convs_the_check_cannot_hold(smoke_bundle, test_
     mixed = onnx.load(str(tmp_path / "mixed.onnx"))
     weights = {t.name for t in mixed.graph.initializer}
     assert {n.name for n in mixed.graph.node if n.op_type == "Conv" and n.input[1] in weights} == set(floats)
-    monkeypatch.setattr(quantize, "INT8_CHECK_MARGIN", 0.0)
-    with pytest.raises(ExportError, match=r"convertor int8 \(cpu form\): expected the worst error"):
-        quantize.to_int8(src, tmp_path / "never.onnx", *args, check_feeds=feeds["convertor"])
+    monkeypatch.setattr(quantize, "INT8_CHECK_MARGIN", 0.0)  # only the fp32 graph itself holds this
+    floats = quantize.to_int8(src, tmp_path / "float.onnx", *args, check_feeds=feeds["convertor"])
+    graph = onnx.load(str(tmp_path / "float.onnx")).graph
+    assert set(floats) == {n.name for n in graph.node if n.op_type == "Conv"}
+    assert "QuantizeLinear" not in {n.op_type for n in graph.node}
 
 
 def test_int8_is_symmetric_per_channel_qdq(smoke_bundle):

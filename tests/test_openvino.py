@@ -12,7 +12,7 @@ import pytest
 from vce_deploy import BackendError, BundleError, Converter, InputError
 from vce_deploy.backends import auto
 from vce_deploy.bundle import Bundle, write_raw_manifest
-from vce_deploy.cpu import CpuInfo, parse_cpuinfo, this_cpu
+from vce_deploy.cpu import CPU_CLASSES, CpuInfo, parse_cpuinfo, this_cpu
 
 pytest.importorskip("openvino")
 AMX_XEON = CpuInfo("Xeon with AMX", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16",
@@ -143,6 +143,8 @@ def test_auto_plan_follows_the_cpu_flags(costed_bundle):
     assert any("bf16 left out: this CPU has no native bf16" in n for n in notes)
     plan, _ = auto.cpu_plan(loaded, EPYC_AVX2)
     assert plan == [("onnxruntime", "fp32"), ("openvino", "fp32")]
+    # Zen 4: AVX512-BF16 and VNNI without AMX; native bf16 first, as on the AMX Xeon
+    assert auto.cpu_plan(loaded, CPU_CLASSES["zen4"])[0] == auto.cpu_plan(loaded, AMX_XEON)[0]
 
 
 def test_auto_leaves_out_a_precision_that_costs_too_much_or_was_not_measured(bundle, tmp_path):
