@@ -145,3 +145,19 @@ def test_vce_bench_runs_the_benchmark_in_a_clone_and_says_where_it_runs_elsewher
     assert cli.main(["bench", "--seconds", "1"]) == 1
     err = capfd.readouterr().err
     assert "which the wheel does not ship" in err and "python bench/latency.py" in err
+
+
+def test_peer_nll_pairs_each_convertor_with_the_fp32_runtime(smoke_bundle, tmp_path):
+    """bench.peer_nll: fp32 PyTorch draws what ONNX Runtime fp32 draws (cost ~0), int8 costs
+    something, and a contender that does not exist is a usage error naming the choices."""
+    from bench.peer_nll import main as peer_nll_main
+
+    out = tmp_path / "costs.json"
+    assert peer_nll_main(["--bundle", str(smoke_bundle), "--split", "small", "--targets", "6", "--k", "8",
+                          "--peers", "torch-eager", "ort-int8-cpu-form", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["peers"]
+    assert rows["ort-fp32"]["cost_vs_fp32"] == 0.0 and rows["ort-fp32"]["targets"] == 6
+    assert abs(rows["torch-eager"]["cost_vs_fp32"]) < 1e-3, rows["torch-eager"]
+    assert rows["ort-int8-cpu-form"]["cost_vs_fp32"] != 0.0
+    with pytest.raises(SystemExit):
+        peer_nll_main(["--peers", "no-such-peer"])
