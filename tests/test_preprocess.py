@@ -111,3 +111,41 @@ def test_any_size_gives_a_binary_28x28_or_a_clear_refusal(height, width, seed):
         return
     assert out.shape == (28, 28) and out.dtype == np.float32
     assert np.isin(out, (0.0, 1.0)).all()
+
+
+def _thinning_by_the_rules(mask: np.ndarray) -> np.ndarray:
+    """Zhang and Suen's thinning written out rule by rule (CACM 27(3), 1984), the oracle for the
+    table-driven `skeleton`."""
+    image = np.pad(mask.astype(bool), 1)
+    while True:
+        changed = False
+        for step in (0, 1):
+            n = [np.roll(image, shift, axis=(0, 1)) for shift in
+                 ((1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1))]  # P2..P9
+            count = np.sum(n, axis=0)
+            transitions = np.sum([~n[i] & n[(i + 1) % 8] for i in range(8)], axis=0)
+            if step == 0:
+                keep_off = ~(n[0] & n[2] & n[4]) & ~(n[2] & n[4] & n[6])
+            else:
+                keep_off = ~(n[0] & n[2] & n[6]) & ~(n[0] & n[4] & n[6])
+            remove = image & (count >= 2) & (count <= 6) & (transitions == 1) & keep_off
+            if remove.any():
+                image, changed = image & ~remove, True
+        if not changed:
+            return image[1:-1, 1:-1]
+
+
+def test_skeleton_is_zhang_suen_thinning():
+    from vce_deploy.preprocess import skeleton
+
+    rng = np.random.default_rng(0)
+    for _ in range(120):
+        height, width = rng.integers(1, 48, 2)
+        blobs = rng.random((height, width)) < rng.random()
+        thick = blobs | np.roll(blobs, 1, 0) | np.roll(blobs, 1, 1)  # strokes a few pixels wide
+        for mask in (blobs, thick):
+            assert np.array_equal(skeleton(mask), _thinning_by_the_rules(mask))
+    bar = np.zeros((20, 40), bool)
+    bar[8:13, 5:35] = True
+    thin = skeleton(bar)
+    assert thin.sum() > 20 and (thin.sum(0) <= 1).all(), "a 5-pixel bar thins to a one-pixel line"
