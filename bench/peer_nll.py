@@ -20,7 +20,7 @@ from vce_deploy import Converter
 from vce_deploy.bundle import default_bundle_path
 from vce_deploy.fsio import atomic_write_bytes
 from vce_deploy.nll import one_shot_nll
-from vce_deploy.omniglot import load_split, nll_targets
+from vce_deploy.omniglot import load_split, nll_targets, spread_subset
 
 from .peers import PEERS, REFERENCE_RUNTIME, build_peers
 
@@ -33,9 +33,9 @@ class PeerConvertor:
 
 
 def evenly_spaced_targets(split: str, count: int, data_dir=None) -> tuple[np.ndarray, np.ndarray]:
-    """`count` test targets spread over every test alphabet, as the export's NLL subset picks them."""
+    """`count` test targets spread over every test alphabet, the export's NLL subset."""
     x, q = nll_targets(load_split(split, "test", data_dir))
-    picks = np.unique(np.linspace(0, len(x) - 1, min(count, len(x))).round().astype(int))
+    picks = spread_subset(len(x), count)
     return x[picks], q[picks]
 
 

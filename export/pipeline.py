@@ -92,11 +92,11 @@ def _calibration_pairs(train, seed: int, per_character: int = CALIBRATION_PAIRS_
 def _nll_metrics(stage: Path, runs, test, subset: int, k: int, seed: int, log, split: str) -> dict:
     from vce_deploy.converter import Converter
     from vce_deploy.nll import one_shot_nll
-    from vce_deploy.omniglot import nll_targets
+    from vce_deploy.omniglot import nll_targets, spread_subset
 
     x, q = nll_targets(test)
     protocol_targets = len(x)
-    picks = np.unique(np.linspace(0, len(x) - 1, min(subset, len(x))).round().astype(int))  # every test alphabet
+    picks = spread_subset(len(x), subset)  # every test alphabet
     x, q = x[picks], q[picks]
     results: dict = {}
     for variant, (backend, precision, options) in runs.items():

@@ -207,6 +207,12 @@ def load_split(split: str = "paper", part: str = "train", data_dir: str | os.Pat
     return Split(images, names)
 
 
+def spread_subset(total: int, count: int) -> np.ndarray:
+    """Indices of `count` of `total` character-major targets, evenly spaced so every alphabet has
+    some: the export's NLL subset (export/pipeline.py) and bench.peer_nll score the same ones."""
+    return np.unique(np.linspace(0, total - 1, min(count, total)).round().astype(int))
+
+
 def nll_targets(split: Split, all_drawings: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The one-shot NLL protocol (docs/design.md, "Evaluation"): drawings i = 0 and 10 of every
     character are targets, each conditioned on drawing (i + 1) mod 20 (every i with
